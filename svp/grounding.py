@@ -1,0 +1,130 @@
+"""Grounding helpers shared by the grounder and the samplers: phrases, NMS, and the <context> text.
+
+Phrase extraction uses spaCy's noun chunks when a spaCy English pipeline is installed; otherwise a
+determiner-led chunker (documented in :func:`extract_phrases_fallback`) that needs no model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from svp.contract import Box
+
+log = logging.getLogger(__name__)
+
+# Words that start a noun phrase in descriptive captions.
+_DETERMINERS = frozenset(
+    "a an the one two three four five six seven eight nine ten several some many multiple "
+    "another other each every".split()
+)
+# Words that end a noun phrase: prepositions, verbs, conjunctions and relative words.
+_STOPS = frozenset(
+    "is are was were be being been has have had there here which that who whose where while with without "
+    "and or but on in at of to from near next by above below under over behind beside besides between "
+    "among into onto towards toward against along across around inside outside than as it its they "
+    "them this these those while positioned located placed situated sitting standing lying can could "
+    "appears appear seems seem".split()
+)
+# Heads that describe the picture or a place in it rather than an object to detect.
+_NON_OBJECTS = frozenset(
+    "image picture photo scene view background foreground top bottom left right center centre middle "
+    "corner corners side sides edge edges part area region position positions frame".split()
+)
+_COUNT_WORDS = frozenset("one two three four five six seven eight nine ten several some many multiple".split())
+_WORD = re.compile(r"[a-z][a-z\-']*|[,.;:!?]")
+
+
+def extract_phrases_fallback(caption: str) -> list[str]:
+    """Object noun phrases without a parser.
+
+    A phrase starts after a determiner or count word and runs until a stop word, punctuation or a
+    second determiner; its last word is the head. Phrases whose head is a picture/location word
+    (``the image``, ``the top left``) are dropped, count words are removed (``two red circles`` ->
+    ``red circles``), and duplicates are kept once in first-seen order.
+    """
+    tokens = _WORD.findall(caption.lower())
+    phrases: list[str] = []
+    i = 0
+    while i < len(tokens):
+        if tokens[i] not in _DETERMINERS:
+            i += 1
+            continue
+        j = i + 1
+        words: list[str] = []
+        while j < len(tokens) and tokens[j].isalpha() and tokens[j] not in _STOPS and tokens[j] not in _DETERMINERS:
+            words.append(tokens[j])
+            j += 1
+        words = [w for w in words if w not in _COUNT_WORDS]
+        if words and words[-1] not in _NON_OBJECTS and len(words) <= 5:
+            phrase = " ".join(words)
+            if phrase not in phrases:
+                phrases.append(phrase)
+        i = j
+    return phrases
+
+
+@lru_cache(maxsize=1)
+def _spacy_pipeline() -> Any | None:
+    try:
+        import spacy  # type: ignore[import-not-found]
+
+        return spacy.load("en_core_web_sm")
+    except Exception:  # spaCy or its English model is optional
+        return None
+
+
+def extract_phrases(caption: str, use_spacy: bool = True) -> list[str]:
+    """The object phrases a detector should look for in ``caption``, lower-case, deduplicated."""
+    nlp = _spacy_pipeline() if use_spacy else None
+    if nlp is None:
+        return extract_phrases_fallback(caption)
+    phrases: list[str] = []
+    for chunk in nlp(caption).noun_chunks:
+        words = [t.text.lower() for t in chunk if t.pos_ not in ("DET", "NUM", "PRON")]
+        if words and words[-1] not in _NON_OBJECTS:
+            phrase = " ".join(words)
+            if phrase not in phrases:
+                phrases.append(phrase)
+    return phrases
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix1, iy1 = max(a[0], b[0]), max(a[1], b[1])
+    ix2, iy2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, ix2 - ix1) * max(0.0, iy2 - iy1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def nms(boxes: Sequence[Box], iou_threshold: float, class_agnostic: bool = True) -> list[Box]:
+    """Keep the highest-scoring box of every group overlapping above ``iou_threshold``.
+
+    Class-agnostic by default (the paper: overlapping boxes keep only the best one, whatever the
+    phrase); with ``class_agnostic=False`` only boxes of the same label suppress each other.
+    Ties in score keep the earlier box. The result is in descending score order.
+    """
+    order = sorted(range(len(boxes)), key=lambda i: (-boxes[i].score, i))
+    kept: list[Box] = []
+    for i in order:
+        cand = boxes[i]
+        if all(
+            box_iou(cand.xyxy, k.xyxy) <= iou_threshold
+            for k in kept
+            if class_agnostic or k.label == cand.label
+        ):
+            kept.append(cand)
+    return kept
+
+
+def render_context(boxes: Sequence[Box]) -> str:
+    """The grounding as the text inside ``<context> … </context>``.
+
+    One line per object, ``label: [x1, y1, x2, y2]`` with 2 decimals, in reading order (top to
+    bottom, then left to right, then label) so equal groundings always give equal prompts.
+    """
+    ordered = sorted(boxes, key=lambda b: (round(b.xyxy[1], 2), round(b.xyxy[0], 2), b.label, -b.score))
+    return "\n".join(f"{b.label}: [{', '.join(f'{c:.2f}' for c in b.xyxy)}]" for b in ordered)

@@ -1,0 +1,177 @@
+"""What every SVP HTTP service shares: base settings, the error envelope, health/metrics routes,
+image decoding with limits, and safe path resolution under a root.
+
+Each service builds its app with :func:`create_service_app` and raises :class:`ServiceError`
+(or lets pydantic raise) from its routes; every failure reaches the client as
+:class:`svp.contract.ErrorResponse`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic_settings import BaseSettings
+
+from svp.contract import ErrorDetail, ErrorResponse, Health, ImageInput
+
+log = logging.getLogger(__name__)
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has; each service subclasses with its own ``env_prefix``."""
+
+    artifact_root: Path = Path("artifacts")
+    data_root: Path = Path("data")
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    environment: str = "development"
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status that reaches the client in the shared envelope."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def not_found(message: str, param: str | None = None) -> ServiceError:
+    return ServiceError(404, message, "not_found_error", param)
+
+
+def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status)).model_dump()
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 500, 503)
+}
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(error_body(exc.status, exc.message, exc.type, exc.param), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = _validation_param(tuple(first.get("loc", ())))
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        return JSONResponse(error_body(422, message, "invalid_request_error", param), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body(500, f"internal error: {exc}", "internal_error"), status_code=500)
+
+
+class ServiceMetrics:
+    """Prometheus metrics of one service, on its own registry (several apps may share a process)."""
+
+    def __init__(self, service: str):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "svp_requests", "Requests served", ["service", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "svp_request_seconds", "Request latency", ["service", "route"], registry=self.registry
+        )
+        self.service = service
+
+
+def create_service_app(
+    title: str, ready: Callable[[], Health], lifespan: Any = None, version: str = "0.1.0"
+) -> FastAPI:
+    """A FastAPI app with the error envelope, ``/healthz``, ``/readyz`` and ``/metrics``."""
+    app = FastAPI(title=title, version=version, lifespan=lifespan, responses=ERROR_RESPONSES)
+    install_error_handlers(app)
+    metrics = ServiceMetrics(title)
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(title, path, str(response.status_code)).inc()
+        metrics.latency.labels(title, path).observe(time.perf_counter() - start)
+        return response
+
+    router = APIRouter()
+
+    @router.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+    async def readyz() -> Any:
+        health = ready()
+        if health.status != "ok":
+            return JSONResponse(health.model_dump(), status_code=503)
+        return health
+
+    @router.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(router)
+    return app
+
+
+def resolve_under(root: Path, relative: str, param: str) -> Path:
+    """``root / relative``, refusing absolute paths and anything that escapes ``root``."""
+    if not relative or Path(relative).is_absolute():
+        raise ServiceError(400, f"{param} must be a relative path under the configured root", param=param)
+    root = root.resolve()
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise ServiceError(400, f"{param} escapes the configured root", param=param)
+    return path
+
+
+def decode_image(image: ImageInput, settings: ServiceSettings, param: str = "image") -> Image.Image:
+    """The request's image as RGB, or a 4xx naming what is wrong with it."""
+    if image.data_b64 is not None:
+        if len(image.data_b64) * 3 // 4 > settings.max_image_bytes:
+            raise ServiceError(413, f"{param} is larger than {settings.max_image_bytes} bytes", param=param)
+        data = base64.b64decode(image.data_b64)
+    else:
+        assert image.path is not None
+        path = resolve_under(settings.data_root, image.path, f"{param}.path")
+        if not path.is_file():
+            raise ServiceError(404, f"{param}.path not found: {image.path}", "not_found_error", f"{param}.path")
+        if path.stat().st_size > settings.max_image_bytes:
+            raise ServiceError(413, f"{param} is larger than {settings.max_image_bytes} bytes", param=param)
+        data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > settings.max_image_pixels:
+                raise ServiceError(413, f"{param} has more than {settings.max_image_pixels} pixels", param=param)
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ServiceError(400, f"{param} is not a decodable image: {exc}", param=param) from exc
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
