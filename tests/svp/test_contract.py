@@ -6,7 +6,13 @@ from pydantic import BaseModel, ValidationError
 
 from svp import contract
 from svp.contract import (
-    Box, GroundingItem, ImageInput, RunCreate, SampleRequest, ScoreRequest, TrainingConfig,
+    Box,
+    GroundingItem,
+    ImageInput,
+    RunCreate,
+    SampleRequest,
+    ScoreRequest,
+    TrainingConfig,
 )
 
 IMG = ImageInput(data_b64=base64.b64encode(b"\x89PNG fake").decode())
