@@ -322,6 +322,8 @@ class TrainingJobPublic(BaseModel):
     metrics: dict[str, float] = {}
     adapter_name: str | None = None
     adapter_path: str | None = None
+    config: TrainingConfig | None = Field(default=None, description="The effective config (preset or override).")
+    merged_path: str | None = Field(default=None, description="The merged full model, when 'merge' was asked.")
     error: str | None = None
     created_at: datetime
     updated_at: datetime
@@ -426,6 +428,13 @@ class ArtifactPublic(BaseModel):
 
 class ArtifactsPublic(BaseModel):
     data: list[ArtifactPublic]
+    count: int
+
+
+class UploadPublic(BaseModel):
+    """Images uploaded to the gateway (multipart ``files``); ``images`` goes into ``RunCreate.images``."""
+
+    images: str = Field(description="Directory under the data root that holds the uploaded images.")
     count: int
 
 
