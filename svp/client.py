@@ -12,7 +12,7 @@ import time
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from svp.contract import (
     AdapterLoad,
@@ -26,6 +26,7 @@ from svp.contract import (
     ISVPRequest,
     ISVPResponse,
     RunCreate,
+    RunEvent,
     RunPublic,
     RunsPublic,
     SampleRequest,
@@ -35,6 +36,7 @@ from svp.contract import (
     TrainingJobCreate,
     TrainingJobPublic,
     TrainingJobsPublic,
+    UploadPublic,
 )
 
 log = logging.getLogger(__name__)
@@ -176,3 +178,11 @@ class GatewayClient(ServiceClient):
 
     def isvp_caption(self, request: ISVPRequest) -> ISVPResponse:
         return self._call("POST", "/isvp/caption", ISVPResponse, request)
+
+    def run_events(self, run_id: str, since: int = 0) -> list[RunEvent]:
+        response = self._request("GET", f"/svp/runs/{run_id}/events", params={"since": since})
+        return TypeAdapter(list[RunEvent]).validate_json(response.content)
+
+    def upload_images(self, files: list[tuple[str, bytes]]) -> UploadPublic:
+        """Multipart upload of (filename, bytes) images; returns the directory to use as ``RunCreate.images``."""
+        return self._call("POST", "/svp/uploads", UploadPublic, files=[("files", f) for f in files])

@@ -1,0 +1,267 @@
+"""The SVP inner loop for one image, over HTTP: prior samples -> groundings -> grounded samples ->
+scores -> selection. Used by the coordinator's per-image task and by ``/isvp/caption``.
+
+Every random draw is seeded from (run seed, round, image, sample) so a task that runs twice
+produces the same samples (the sampler's generation is seeded per request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.settings import Settings
+from gateway.store import GroundedCandidate, ImageResult
+from svp.client import APIError, GrounderClient, SamplerClient, ScorerClient, TrainerClient
+from svp.contract import (
+    Box,
+    GroundingItem,
+    GroundingRequest,
+    GroundingResult,
+    ImageInput,
+    ISVPRequest,
+    ISVPResponse,
+    Normalization,
+    RunCreate,
+    Sample,
+    SampleRequest,
+    SampleResponse,
+    ScoreName,
+    ScoreRequest,
+)
+from svp.selection import Candidate, select_top
+
+log = logging.getLogger(__name__)
+
+# The sampler and grounder accept at most 64 samples / items per request (svp.contract).
+MAX_BATCH = 64
+MAX_CAPTION_CHARS = 2000  # the grounder refuses longer captions by default
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (Python's ``hash`` is salted per process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the service was unreachable or answered 5xx (after the client's own retries)."""
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, APIError) and exc.status >= 500
+
+
+@dataclass
+class ServiceClients:
+    """Typed clients of the four model services, configured from the gateway settings."""
+
+    sampler: SamplerClient
+    scorer: ScorerClient
+    grounder: GrounderClient
+    trainer: TrainerClient
+
+    @classmethod
+    def from_settings(cls, settings: Settings, timeout_s: float | None = None,
+                      retries: int | None = None) -> ServiceClients:
+        kwargs = {
+            "timeout": timeout_s or settings.service_timeout_s,
+            "retries": settings.service_retries if retries is None else retries,
+            "backoff_s": settings.service_backoff_s,
+        }
+        return cls(
+            sampler=SamplerClient(settings.sampler_url, **kwargs),  # type: ignore[arg-type]
+            scorer=ScorerClient(settings.scorer_url, **kwargs),  # type: ignore[arg-type]
+            grounder=GrounderClient(settings.grounder_url, **kwargs),  # type: ignore[arg-type]
+            trainer=TrainerClient(settings.trainer_url, **kwargs),  # type: ignore[arg-type]
+        )
+
+    def close(self) -> None:
+        for client in (self.sampler, self.scorer, self.grounder, self.trainer):
+            client.close()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the inner loop needs of a run (or of an iSVP request)."""
+
+    k: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    score: ScoreName
+    normalization: Normalization
+    grounding: bool
+    scoring: bool
+    top_ratio: float
+    model: str | None = None
+    adapter: str | None = None
+
+    @classmethod
+    def for_run(cls, run: RunCreate, round_: int, image_index: int, adapter: str | None) -> SamplingParams:
+        return cls(
+            k=run.k, temperature=run.temperature, top_p=run.top_p, max_new_tokens=run.max_new_tokens,
+            seed=derive_seed(run.seed, round_, image_index), score=run.score, normalization=run.normalization,
+            grounding=run.grounding, scoring=run.scoring, top_ratio=run.top_ratio, model=run.model, adapter=adapter,
+        )
+
+
+def _chunks(n: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, MAX_BATCH):
+        yield start, min(n, start + MAX_BATCH)
+
+
+class InnerLoop:
+    """Steps 1-5 of SVP for one image, each step one or a few calls to a model service."""
+
+    def __init__(self, clients: ServiceClients):
+        self.clients = clients
+
+    # ------------------------------------------------------------ steps
+
+    def prior_samples(self, image: ImageInput, p: SamplingParams, n: int) -> tuple[list[Sample], SampleResponse]:
+        """Step 1: ``n`` samples of ``p_θ(z | c)`` with the base prompt."""
+        samples: list[Sample] = []
+        response: SampleResponse | None = None
+        for start, stop in _chunks(n):
+            response = self.clients.sampler.generate(SampleRequest(
+                model=p.model, adapter=p.adapter, image=image, prompt_kind="base", n=stop - start,
+                temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens, seed=p.seed + start,
+            ))
+            samples.extend(response.samples)
+        assert response is not None
+        return samples, response
+
+    def ground(self, image: ImageInput, captions: list[str]) -> list[GroundingResult]:
+        """Step 2: boxes of each caption's noun phrases (an empty caption grounds to no boxes)."""
+        results: list[GroundingResult | None] = [None] * len(captions)
+        todo = [i for i, c in enumerate(captions) if c.strip()]
+        for start in range(0, len(todo), MAX_BATCH):
+            batch = todo[start : start + MAX_BATCH]
+            response = self.clients.grounder.ground(GroundingRequest(items=[
+                GroundingItem(image=image, caption=captions[i][:MAX_CAPTION_CHARS]) for i in batch
+            ]))
+            for i, result in zip(batch, response.results, strict=True):
+                results[i] = result
+        return [r or GroundingResult(phrases=[], boxes=[], context="") for r in results]
+
+    def grounded_samples(self, image: ImageInput, boxes: list[Box], p: SamplingParams, n: int,
+                         seed: int) -> list[Sample]:
+        """Step 3: ``n`` samples of ``q(z | c, g)`` with the grounding in the prompt's <context>."""
+        return self.clients.sampler.generate(SampleRequest(
+            model=p.model, adapter=p.adapter, image=image, prompt_kind="grounded", grounding=boxes, n=n,
+            temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens, seed=seed,
+        )).samples
+
+    def scores(self, image: ImageInput, boxes: list[Box], samples: list[Sample], p: SamplingParams) -> list[float]:
+        """Step 4: S or Δ of each sample under grounding ``boxes``; NaN for a sample without tokens."""
+        values = [math.nan] * len(samples)
+        scorable = [i for i, s in enumerate(samples) if s.token_ids]
+        for start in range(0, len(scorable), MAX_BATCH):
+            batch = scorable[start : start + MAX_BATCH]
+            response = self.clients.scorer.score(ScoreRequest(
+                model=p.model, adapter=p.adapter, image=image, grounding=boxes,
+                continuations=[samples[i].token_ids for i in batch], normalization=p.normalization,
+            ))
+            for i, score in zip(batch, response.scores, strict=True):
+                values[i] = score.S if p.score == "S" else score.delta
+        return values
+
+    # ------------------------------------------------------------ one image of a run
+
+    def run_image(self, image: ImageInput, image_path: str, index: int, round_: int,
+                  p: SamplingParams) -> ImageResult:
+        """Steps 1-5 for one image of a run; the result lists every candidate and the selection."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        priors, prior_response = self.prior_samples(image, p, p.k)
+        timings["prior_s"] = time.perf_counter() - t0
+        candidates: list[GroundedCandidate] = []
+        if p.grounding:
+            t0 = time.perf_counter()
+            groundings = self.ground(image, [s.text for s in priors])
+            timings["grounding_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            grounded = [
+                self.grounded_samples(image, g.boxes, p, 1, derive_seed(p.seed, "grounded", j))[0]
+                for j, g in enumerate(groundings)
+            ]
+            timings["grounded_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if p.scoring:
+                values = [self.scores(image, g.boxes, [s], p)[0] for g, s in zip(groundings, grounded, strict=True)]
+            else:
+                values = [math.nan] * len(grounded)
+            timings["scoring_s"] = time.perf_counter() - t0
+            candidates = [
+                GroundedCandidate(index=j, text=s.text, finish_reason=s.finish_reason, boxes=g.boxes,
+                                  score=None if math.isnan(v) else v, token_count=len(s.token_ids))
+                for j, (g, s, v) in enumerate(zip(groundings, grounded, values, strict=True))
+            ]
+        else:
+            # Self-captioning ablation (the paper's "fine-tuning without feedback"): the prior
+            # samples are the candidates; runs refuse scoring without grounding.
+            candidates = [
+                GroundedCandidate(index=j, text=s.text, finish_reason=s.finish_reason, token_count=len(s.token_ids))
+                for j, s in enumerate(priors)
+            ]
+        selection_keys = self._selection_keys(candidates, p)
+        selection = select_top(
+            [Candidate(index=c.index, text=c.text, score=key, finish_reason=c.finish_reason)
+             for c, key in zip(candidates, selection_keys, strict=True)],
+            p.top_ratio,
+        )
+        return ImageResult(
+            image=image_path, index=index, round=round_, adapter=prior_response.adapter,
+            prior=[s.text for s in priors], candidates=candidates,
+            selected=[c.index for c in selection.selected], dropped=dict(selection.dropped), timings=timings,
+        )
+
+    @staticmethod
+    def _selection_keys(candidates: list[GroundedCandidate], p: SamplingParams) -> list[float]:
+        """Scores to rank by; without scoring, seeded uniform draws (random selection)."""
+        if p.scoring and p.grounding:
+            return [math.nan if c.score is None else c.score for c in candidates]
+        rng = random.Random(derive_seed(p.seed, "random-selection"))
+        return [rng.random() for _ in candidates]
+
+    # ------------------------------------------------------------ iSVP
+
+    def isvp(self, request: ISVPRequest, model: str | None = None) -> ISVPResponse:
+        """Inference-time SVP: one prior caption, its grounding, ``n`` grounded captions, best by score."""
+        seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**31)
+        p = SamplingParams(
+            k=1, temperature=request.temperature, top_p=1.0, max_new_tokens=request.max_new_tokens, seed=seed,
+            score=request.score, normalization="sum", grounding=True, scoring=request.n > 1, top_ratio=1.0,
+            model=model, adapter=request.adapter,
+        )
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        priors, _ = self.prior_samples(request.image, p, 1)
+        timings["prior_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        grounding = self.ground(request.image, [priors[0].text])[0]
+        timings["grounding_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        grounded = self.grounded_samples(request.image, grounding.boxes, p, request.n, derive_seed(seed, "grounded"))
+        timings["grounded_s"] = time.perf_counter() - t0
+        best, best_score = 0, None
+        if request.n > 1:
+            t0 = time.perf_counter()
+            values = self.scores(request.image, grounding.boxes, grounded, p)
+            timings["scoring_s"] = time.perf_counter() - t0
+            finite = [(v, -i) for i, v in enumerate(values) if math.isfinite(v)]
+            if finite:
+                value, neg_index = max(finite)
+                best, best_score = -neg_index, value
+        return ISVPResponse(
+            prior_caption=priors[0].text, boxes=grounding.boxes, context=grounding.context,
+            grounded_caption=grounded[best].text, score=best_score, candidates=len(grounded), timings=timings,
+        )
