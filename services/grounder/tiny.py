@@ -12,7 +12,8 @@ query into phrases, so a tokenizer with other ids would silently give one phrase
 
 Its outputs are random but deterministic for a seed; the box head's last layer is re-drawn from
 a normal distribution (DETR initialises it to zero, which would put every box exactly on its
-anchor) so that boxes depend on the image and overlap each other, which NMS tests need.
+anchor) so that boxes depend on the image and overlap each other, which NMS tests need, and the
+token logits are scaled down so that probabilities spread over (0, 1) instead of saturating.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def build_tiny_grounding_dino(
     image_longest_edge: int = 96,
     max_text_len: int = 64,
     box_head_std: float = 0.05,
+    logit_scale: float = 0.15,
 ) -> Path:
     """Save a random GroundingDINO + its processor to ``out_dir`` (``from_pretrained``-loadable).
 
@@ -133,6 +135,11 @@ def build_tiny_grounding_dino(
         last = model.bbox_embed[0].layers[-1]  # shared by every decoder layer (decoder_bbox_embed_share)
         last.weight.normal_(0.0, box_head_std)
         last.bias.normal_(0.0, box_head_std)
+        # Token logits are dot products of LayerNorm'd decoder states with text states: at random
+        # init they are large and their sigmoids saturate at 0 or 1. Scaling the decoder's final
+        # LayerNorm brings them to O(1), so box and text thresholds inside (0, 1) separate boxes.
+        model.model.decoder.layer_norm.weight.mul_(logit_scale)
+        model.model.decoder.layer_norm.bias.mul_(logit_scale)
     model.save_pretrained(out)
 
     image_processor = GroundingDinoImageProcessorPil(
