@@ -1,0 +1,171 @@
+"""What the sampler and the scorer services share: settings, model lifecycle, adapters, batching.
+
+Each service subclasses :class:`VLMServiceSettings` (with its own env prefix) and
+:class:`VLMService` (with its domain logic), and mounts :func:`adapter_router`. The model loads
+in the background on the service's single model thread; ``/readyz`` turns ready when it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+from fastapi import APIRouter
+from PIL import Image
+from pydantic import Field, field_validator
+
+from svp.contract import AdapterLoad, AdapterPublic, AdaptersPublic, Health, ImageInput
+from svp.models.batching import BatchedResult, MicroBatcher
+from svp.models.engine import ModelEngine
+from svp.models.loading import DTYPES, AdapterNotFoundError
+from svp.service import ERROR_RESPONSES, ServiceError, ServiceSettings, decode_image, not_found
+
+log = logging.getLogger(__name__)
+
+EngineT = TypeVar("EngineT", bound=ModelEngine)
+JobT = TypeVar("JobT")
+ResultT = TypeVar("ResultT")
+
+
+class VLMServiceSettings(ServiceSettings):
+    """Settings of a service that hosts a VLM (env prefix set by each service)."""
+
+    model: str = Field(description="Hugging Face id or local path of the VLM.")
+    served_model_name: str | None = Field(default=None, description="Name reported and checked; default: model.")
+    engine: str = Field(default="transformers", description="Engine implementation.")
+    device: str = Field(default="cpu", description="torch device, e.g. 'cpu', 'cuda', 'cuda:1'.")
+    dtype: str = Field(default="auto", description="'auto' (bfloat16 on CUDA, else float32) or a dtype name.")
+    max_batch_rows: int = Field(default=64, ge=1, le=4096, description="Rows (samples/continuations) per batch.")
+    max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0, description="How long a batch waits to fill.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        if v != "auto" and v not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}; known: auto, {', '.join(DTYPES)}")
+        return v
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+class VLMService(ABC, Generic[EngineT, JobT, ResultT]):
+    """Model lifecycle, request checks shared by both services, adapters, and the micro-batcher."""
+
+    def __init__(self, settings: VLMServiceSettings, engine_factory: Callable[[VLMServiceSettings], EngineT]):
+        self.settings = settings
+        self._engine_factory = engine_factory
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._engine: EngineT | None = None
+        self._load_error: str | None = None
+        self._loading: asyncio.Future[None] | None = None
+        self._batcher: MicroBatcher[JobT, ResultT] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start batching and begin loading the model in the background (``health`` says when done)."""
+        loop = asyncio.get_running_loop()
+        self._batcher = MicroBatcher(self._run_batch, self._executor, self._job_rows,
+                                     self.settings.max_batch_rows, self.settings.max_wait_ms / 1000)
+        self._batcher.start()
+        self._loading = loop.run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        try:
+            self._engine = self._engine_factory(self.settings)
+            log.info("model %s loaded (chat format %s)", self.settings.model, self._engine.chat_format)
+        except Exception as exc:
+            self._load_error = f"model {self.settings.model!r} failed to load: {exc}"
+            log.exception("model %s failed to load", self.settings.model)
+
+    async def wait_loaded(self) -> None:
+        if self._loading is not None:
+            await self._loading
+
+    async def stop(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> Health:
+        if self._engine is not None:
+            return Health(status="ok")
+        if self._load_error is not None:
+            return Health(status="error", detail=self._load_error)
+        return Health(status="loading", detail=f"loading {self.settings.model}")
+
+    @property
+    def engine(self) -> EngineT:
+        if self._engine is None:
+            raise ServiceError(503, self.health().detail or "model not loaded", "unavailable_error")
+        return self._engine
+
+    # ------------------------------------------------------------ batching
+
+    @abstractmethod
+    def _run_batch(self, jobs: Sequence[JobT]) -> Sequence[ResultT | Exception]:
+        """Run on the model thread: the engine's results (or exceptions) for ``jobs``, in order."""
+
+    @abstractmethod
+    def _job_rows(self, job: JobT) -> int:
+        """How many batch rows ``job`` takes."""
+
+    async def submit(self, job: JobT) -> BatchedResult[ResultT]:
+        """Queue ``job`` for the next batch; engine errors come back as 4xx/5xx :class:`ServiceError`."""
+        if self._batcher is None:
+            raise ServiceError(503, "service is not started", "unavailable_error")
+        try:
+            return await self._batcher.submit(job)
+        except AdapterNotFoundError as exc:
+            raise not_found(str(exc), "adapter") from exc
+        except ValueError as exc:  # inputs the processor or model refuses
+            raise ServiceError(400, str(exc)) from exc
+
+    # ------------------------------------------------------------ request checks
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.settings.model_name:
+            raise not_found(f"model {requested!r} is not served here (serving {self.settings.model_name!r})", "model")
+
+    async def decode_image(self, image: ImageInput) -> Image.Image:
+        """The request image, decoded off the event loop (a large image takes a while)."""
+        return await asyncio.to_thread(decode_image, image, self.settings)
+
+    async def ensure_adapter(self, name: str | None) -> None:
+        """Load adapter ``name`` on first use; 404 naming it when it does not exist."""
+        if name is None or name in self.engine.adapters:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self.engine.load_adapter, name, self.settings.artifact_root)
+        except AdapterNotFoundError as exc:
+            raise not_found(str(exc), "adapter") from exc
+
+    async def load_adapter(self, request: AdapterLoad) -> AdapterPublic:
+        await self.ensure_adapter(request.name)
+        return AdapterPublic(name=request.name, path=str(self.engine.adapters[request.name]))
+
+    def list_adapters(self) -> AdaptersPublic:
+        data = [AdapterPublic(name=n, path=str(p)) for n, p in sorted(self.engine.adapters.items())]
+        return AdaptersPublic(data=data, count=len(data))
+
+
+def adapter_router(service: VLMService) -> APIRouter:
+    """``POST /v1/adapters`` (load by name from ``<artifact_root>/adapters``) and ``GET /v1/adapters``."""
+    router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=ERROR_RESPONSES)
+
+    @router.post("", response_model=AdapterPublic)
+    async def load_adapter(request: AdapterLoad) -> AdapterPublic:
+        return await service.load_adapter(request)
+
+    @router.get("", response_model=AdaptersPublic)
+    async def list_adapters() -> AdaptersPublic:
+        return service.list_adapters()
+
+    return router
