@@ -7,7 +7,9 @@ import logging
 import typer
 
 from svp import __version__
+from svp.evaluation.cli import eval_command
 from svp.prompts import CHAT_TEMPLATES, PROMPT_SETS
+from svp.world.cli import world_app
 
 app = typer.Typer(help="SVP: make a vision-language model see better from unlabelled images.", no_args_is_help=True)
 
@@ -56,6 +58,9 @@ def serve(
         raise typer.BadParameter(f"unknown service {service!r}; known: {', '.join(SERVICE_APPS)}")
     uvicorn.run(f"{SERVICE_APPS[service]}:create_app", factory=True, host=host, port=port, log_level="info")
 
+
+app.add_typer(world_app, name="world")
+app.command("eval")(eval_command)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,87 @@
+"""``svp world ...``: build the ShapesWorld artifacts, export splits, check the detector and the SVP premise."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import typer
+
+log = logging.getLogger(__name__)
+
+world_app = typer.Typer(help="ShapesWorld: the embedded scene domain, its base VLM and detector.", no_args_is_help=True)
+
+
+@world_app.command("build")
+def build(
+    root: Path | None = typer.Option(None, help="World root (default: $SVP_WORLD_ROOT or .cache/svp/world)."),
+    scale: str = typer.Option("full", help="'full' (the base VLM, <= 20 min on 2 CPU cores) or 'ci' (seconds)."),
+    force: bool = typer.Option(False, help="Rebuild even when a matching build exists."),
+) -> None:
+    """Build (or reuse) the versioned data exports and the base VLM; prints where they are."""
+    from svp.world.build import ensure_world
+
+    world = ensure_world(root, scale=scale, force=force)
+    typer.echo(json.dumps({"root": str(world.root), "model": str(world.model_dir),
+                           "data": {k: str(v) for k, v in world.data_dirs.items()},
+                           "parameters": world.build.get("parameters"),
+                           "training_seconds": world.build.get("training_seconds")}, indent=1))
+
+
+@world_app.command("export")
+def export(
+    split: str = typer.Argument(..., help="train, unlabelled or test."),
+    n: int = typer.Argument(..., min=1, help="Number of scenes (indices 0..n-1)."),
+    out: Path = typer.Argument(..., help="Output directory."),
+) -> None:
+    """Export scenes of a split as PNGs + ground truth / COCO references / probes (see svp.world.export)."""
+    from svp.world.export import export_split
+
+    try:
+        typer.echo(export_split(split, n, out))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@world_app.command("detector-check")
+def detector_check(
+    n: int = typer.Option(500, min=1, help="Test scenes."),
+    iou: float = typer.Option(0.9, help="IoU a box must reach with its ground-truth object."),
+) -> None:
+    """Share of ground-truth objects the detector finds with IoU >= --iou (and with the right attributes)."""
+    from svp.grounding import box_iou
+    from svp.world.detector import ShapesDetector
+    from svp.world.scenes import generate_scenes
+
+    detector = ShapesDetector()
+    total = hits = attributes = 0
+    for scene in generate_scenes("test", n):
+        found = detector.detect_objects(scene.render())
+        for obj in scene.objects:
+            total += 1
+            best = max(found, key=lambda d: box_iou(d.xyxy, obj.box), default=None)
+            if best is not None and box_iou(best.xyxy, obj.box) >= iou:
+                hits += 1
+                attributes += (best.shape, best.colour, best.size) == (obj.shape, obj.colour, obj.size)
+    typer.echo(json.dumps({"scenes": n, "objects": total, f"iou>={iou}": hits / total,
+                           "iou_and_attributes": attributes / total}))
+
+
+@world_app.command("premise")
+def premise(
+    model: str = typer.Argument(..., help="Model path (e.g. the built base VLM)."),
+    n: int = typer.Option(100, min=1, help="Test scenes."),
+    k: int = typer.Option(4, min=1, help="Prior samples per scene."),
+    temperature: float = typer.Option(1.0, min=0.01),
+    out: Path | None = typer.Option(None, help="Write the results as JSON here."),
+) -> None:
+    """Object recall / hallucination of prior samples vs grounded samples (detector boxes of the prior's phrases)."""
+    from svp.evaluation.metrics import format_table
+    from svp.models.loading import load_vlm
+    from svp.world.premise import premise_check
+
+    results = premise_check(load_vlm(model), n_scenes=n, k=k, temperature=temperature)
+    typer.echo(format_table(results))
+    if out is not None:
+        out.write_text(json.dumps(results, indent=1))

@@ -1,0 +1,454 @@
+"""The ShapesWorld base VLM: a small model of the real LLaVA architecture trained from scratch on CPU.
+
+Architecture (built by :func:`svp.models.tiny.build_tiny_vlm`, saved with ``save_pretrained``,
+loaded with :func:`svp.models.loading.load_vlm` like any checkpoint): a CLIP vision tower on
+96 x 96 images with 32-pixel patches — one patch is one cell of the scene's 3 x 3 grid — a GELU
+projector, and a Llama decoder, with a word-level tokenizer over the domain's words and the
+paper's prompts (``llava_v1`` chat format).
+
+Recipe, on the ``train`` split only:
+
+1. Vision pre-training (real VLMs start from a pretrained encoder): the vision tower alone learns
+   to tell, from the features LLaVA feeds the projector (second-to-last layer, one per patch),
+   whether each cell holds an object and its shape, colour and size.
+2. Instruction tuning of projector + decoder (vision tower frozen, as LLaVA does), loss on the
+   answer tokens only, on a mix of the paper's prompt formats:
+
+   - ``base``: sampling system prompt + base prompt -> the canonical position-first caption;
+   - ``grounded``: grounded system prompt + ``<context>`` of boxes + base prompt -> the caption of
+     *every* object. The context is always true — labelled with the object's phrase ("large red
+     circle" or "red circle"), ground-truth box with a little jitter — but often partial (a
+     random subset, sometimes empty), as when a detector grounds a prior caption: what is boxed
+     is certain, what is not must still be seen. Nothing boxed is ever absent from the answer
+     and nothing absent is ever boxed, so the model learns that grounding can be trusted;
+   - ``pope`` / ``count`` / ``reg``: the probe questions (user turn only, no system prompt, as
+     LLaVA's instruction data and :mod:`svp.training` render VQ pairs) -> short answers.
+
+The budget (steps x batch) is deliberately small: the result is a real but imperfect describer,
+the kind of model SVP adapts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from svp.contract import Box
+from svp.grounding import render_context
+from svp.models.tiny import build_tiny_vlm
+from svp.models.tokenizer import build_word_tokenizer
+from svp.prompts import PAPER_PROMPTS, build_messages
+from svp.world.language import canonical_caption, domain_words, region_expression
+from svp.world.probes import POPE_STRATEGIES, count_questions, pope_questions, region_question
+from svp.world.scenes import COLOURS, GRID, IMAGE_SIZE, SHAPES, SIZES, Scene, generate_scenes
+
+log = logging.getLogger(__name__)
+
+CHAT_FORMAT = "llava_v1"
+TASKS = ("base", "grounded", "pope", "count", "reg")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class WorldModelConfig:
+    """How the base VLM is built and trained. ``full()`` is ``svp world build``'s; ``ci()`` the tests'."""
+
+    train_scenes: int = 6000
+    """Scenes of the ``train`` split the model learns from (indices 0..n-1)."""
+    vision_steps: int = 300
+    """Stage 1: vision-tower pre-training steps."""
+    vision_batch_size: int = 64
+    vision_lr: float = 2e-3
+    steps: int = 900
+    """Stage 2: instruction-tuning steps (projector + decoder)."""
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    task_weights: tuple[tuple[str, float], ...] = (
+        ("base", 0.40),
+        ("grounded", 0.35),
+        ("pope", 0.13),
+        ("count", 0.06),
+        ("reg", 0.06),
+    )
+    """Sampling probability of each training task."""
+    sizes: dict[str, Any] = field(
+        default_factory=lambda: dict(
+            image_size=IMAGE_SIZE,
+            patch_size=IMAGE_SIZE // GRID,
+            vision_hidden_size=128,
+            vision_intermediate_size=512,
+            vision_layers=3,
+            vision_heads=4,
+            hidden_size=192,
+            intermediate_size=512,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=4,
+            max_position_embeddings=1024,
+        )
+    )
+    """:class:`svp.models.tiny.TinySizes` overrides."""
+    bf16: bool = True
+    """bfloat16 autocast for the decoder's matmuls (float32 weights and optimiser): ~1.5x faster on CPU."""
+    threads: int = 1
+    """torch threads; on a shared 2-core machine one thread is faster than two."""
+    seed: int = 0
+
+    @classmethod
+    def full(cls) -> WorldModelConfig:
+        return cls()
+
+    @classmethod
+    def ci(cls) -> WorldModelConfig:
+        """Seconds-scale: the same code on a few hundred scenes and a few dozen steps."""
+        small = dict(cls().sizes, vision_hidden_size=32, vision_intermediate_size=64, vision_layers=2,
+                     hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
+        return cls(train_scenes=300, vision_steps=20, vision_batch_size=32, steps=30, batch_size=8, lr=3e-3,
+                   warmup_steps=5, sizes=small)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def world_tokenizer() -> Any:
+    """The word-level tokenizer: domain words, the Appendix F prompts' words, and 2-decimal coordinates."""
+    prompt_text = " ".join(
+        [PAPER_PROMPTS.system_sampling, PAPER_PROMPTS.system_grounded, PAPER_PROMPTS.base, PAPER_PROMPTS.grounded]
+    )
+    # render_context writes "0.37": the pieces "0", ".", "37" — every two-digit fraction is one word.
+    coordinates = ["0", "1", "."] + [f"{i:02d}" for i in range(100)]
+    return build_word_tokenizer([prompt_text, *domain_words(), *coordinates], CHAT_FORMAT)
+
+
+# ---------------------------------------------------------------- prompts as the model sees them
+
+
+def question_messages(question: str, answer: str | None = None) -> list[dict[str, Any]]:
+    """A probe as a plain user turn with the image (no system prompt), optionally answered."""
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+class PromptEncoder:
+    """Token ids of prompts and answers exactly as the processor builds them at inference
+    (chat template, ``<image>`` expanded to the model's image tokens, BOS once)."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        # LlavaProcessor's own count: patches, plus CLS, minus CLS again under the "default" strategy.
+        size = int(processor.image_processor.crop_size["height"])
+        self.image_tokens = (size // int(processor.patch_size)) ** 2 + int(processor.num_additional_image_tokens) - (
+            1 if processor.vision_feature_select_strategy == "default" else 0
+        )
+        self._cache: dict[str, list[int]] = {}
+
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = str(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        cached = self._cache.get(text)
+        if cached is not None:
+            return cached
+        image = self.processor.image_token
+        expanded = text.replace(image, image * self.image_tokens)
+        bos = self.tokenizer.bos_token
+        ids = [int(t) for t in self.tokenizer(expanded, add_special_tokens=not text.startswith(bos))["input_ids"]]
+        if len(self._cache) < 4096:
+            self._cache[text] = ids
+        return ids
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """The answer's tokens and the end-of-turn token the template writes after it."""
+        return [int(t) for t in self.tokenizer(answer, add_special_tokens=False)["input_ids"]] + [
+            int(self.tokenizer.eos_token_id)
+        ]
+
+
+def pixel_tensor(images: list[Image.Image] | np.ndarray, processor: Any) -> torch.Tensor:
+    """CLIP-normalised pixels [N, 3, H, W] of images already at the model's size (what the processor
+    computes, without per-image PIL work: resize and crop are identities at 96 x 96)."""
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images]) if isinstance(images, list) else images
+    ip = processor.image_processor
+    x = torch.from_numpy(arr).float().permute(0, 3, 1, 2) * float(ip.rescale_factor)
+    mean = torch.tensor(ip.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(ip.image_std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ---------------------------------------------------------------- training examples
+
+
+def training_grounding(scene: Scene, rng: np.random.Generator) -> list[Box]:
+    """A true, often partial grounding of a scene, as a detector gives for a prior caption."""
+    objects = list(scene.objects)
+    draw = rng.random()
+    if draw < 0.45:
+        chosen = objects
+    elif draw < 0.92:
+        chosen = [o for o in objects if rng.random() < 0.5]
+    else:
+        chosen = []
+    boxes = []
+    for o in chosen:
+        label = o.phrase if rng.random() < 0.7 else o.kind
+        xyxy = np.array(o.box)
+        if rng.random() < 0.5:
+            xyxy = np.clip(xyxy + rng.uniform(-0.02, 0.02, size=4), 0.0, 1.0)
+            xyxy = np.array([min(xyxy[0], xyxy[2]), min(xyxy[1], xyxy[3]), max(xyxy[0], xyxy[2]), max(xyxy[1], xyxy[3])])
+        x1, y1, x2, y2 = (float(c) for c in xyxy)
+        boxes.append(Box(label=label, xyxy=(x1, y1, x2, y2), score=1.0))
+    return boxes
+
+
+class ExampleSampler:
+    """Draws (scene index, prompt ids, answer ids) training examples from the task mix."""
+
+    def __init__(self, scenes: list[Scene], encoder: PromptEncoder, config: WorldModelConfig):
+        self.scenes = scenes
+        self.encoder = encoder
+        self.rng = np.random.default_rng(config.seed + 1)
+        self.tasks = [t for t, _ in config.task_weights]
+        weights = np.array([w for _, w in config.task_weights], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self.pope = {s: pope_questions(scenes, s, seed=config.seed) for s in POPE_STRATEGIES}
+        self.counts = count_questions(scenes, seed=config.seed)
+        self.index = {s.scene_id: i for i, s in enumerate(scenes)}
+
+    def sample(self) -> tuple[int, list[int], list[int]]:
+        task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.weights))]
+        if task in ("base", "grounded", "reg"):
+            i = int(self.rng.integers(len(self.scenes)))
+            scene = self.scenes[i]
+            if task == "base":
+                return i, self.encoder.prompt_ids(build_messages("base")), self.encoder.answer_ids(
+                    canonical_caption(scene.objects)
+                )
+            if task == "grounded":
+                context = render_context(training_grounding(scene, self.rng))
+                return i, self.encoder.prompt_ids(build_messages("grounded", context)), self.encoder.answer_ids(
+                    canonical_caption(scene.objects)
+                )
+            obj = scene.objects[int(self.rng.integers(len(scene.objects)))]
+            return i, self.encoder.prompt_ids(question_messages(region_question(obj.box))), self.encoder.answer_ids(
+                region_expression(obj)
+            )
+        if task == "pope":
+            strategy = POPE_STRATEGIES[int(self.rng.integers(len(POPE_STRATEGIES)))]
+            q = self.pope[strategy][int(self.rng.integers(len(self.pope[strategy])))]
+            answer = q.answer.capitalize()
+            return self.index[q.scene_id], self.encoder.prompt_ids(question_messages(q.question)), self.encoder.answer_ids(
+                answer
+            )
+        c = self.counts[int(self.rng.integers(len(self.counts)))]
+        return self.index[c.scene_id], self.encoder.prompt_ids(question_messages(c.question)), self.encoder.answer_ids(
+            c.answer
+        )
+
+
+def prefix_length(prompt: list[int], image_token_id: int) -> int:
+    """Tokens before the image: the part of a prompt (BOS, system text, "USER:") no image changes."""
+    return prompt.index(image_token_id)
+
+
+def answer_loss(
+    model: LlavaForConditionalGeneration,
+    examples: list[tuple[int, list[int], list[int]]],
+    pixels: torch.Tensor,
+    pad_id: int,
+    image_token_id: int,
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of the answer tokens of ``examples`` and how many there are.
+
+    Exactly the loss of a plain right-padded forward pass, computed faster: examples that share
+    the text before the image (same system prompt) are run together, and that shared prefix —
+    up to 160 tokens of Appendix F system prompt — is run once, its key/value cache repeated over
+    the group (gradients flow through it), instead of once per example.
+    """
+    groups: dict[tuple[int, ...], list[tuple[int, list[int], list[int]]]] = {}
+    for ex in examples:
+        groups.setdefault(tuple(ex[1][: prefix_length(ex[1], image_token_id)]), []).append(ex)
+    total = torch.zeros(())
+    n_tokens = 0
+    for prefix, group in groups.items():
+        rows, p = len(group), len(prefix)
+        cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(rows)
+        rests = [prompt[p:] + answer for _, prompt, answer in group]
+        width = max(len(r) for r in rests)
+        input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+        labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((rows, p + width), dtype=torch.long)
+        attention[:, :p] = 1
+        for r, ((_, prompt, answer), rest) in enumerate(zip(group, rests, strict=True)):
+            input_ids[r, : len(rest)] = torch.tensor(rest)
+            labels[r, len(prompt) - p : len(rest)] = torch.tensor(answer)
+            attention[r, p : p + len(rest)] = 1
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=torch.arange(p, p + width).expand(rows, width),
+            pixel_values=pixels[[i for i, _, _ in group]],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        # logits[:, t] predicts token t + 1 of the rest
+        total = total + torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        n_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return total, n_tokens
+
+
+# ---------------------------------------------------------------- the two stages
+
+
+def cell_targets(scenes: list[Scene]) -> torch.Tensor:
+    """[N, 9, 4] per cell: occupied, shape, colour, size indices (-100 where the cell is empty)."""
+    t = torch.full((len(scenes), GRID * GRID, 4), IGNORE_INDEX, dtype=torch.long)
+    t[:, :, 0] = 0
+    colours = list(COLOURS)
+    for n, s in enumerate(scenes):
+        for o in s.objects:
+            c = o.cell[0] * GRID + o.cell[1]
+            t[n, c] = torch.tensor([1, SHAPES.index(o.shape), colours.index(o.colour), SIZES.index(o.size)])
+    return t
+
+
+def pretrain_vision(
+    model: LlavaForConditionalGeneration, pixels: torch.Tensor, targets: torch.Tensor, config: WorldModelConfig,
+    progress: bool = True,
+) -> float:
+    """Stage 1; returns the last loss. Heads read the features the projector will see (layer -2, no CLS)."""
+    tower = model.model.vision_tower
+    hidden = tower.config.hidden_size
+    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in (2, len(SHAPES), len(COLOURS), len(SIZES))])
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=config.vision_lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    layer = model.config.vision_feature_layer
+    loss_value = float("nan")
+    tower.train()
+    for _ in tqdm(range(config.vision_steps), desc="vision pre-training", disable=not progress):
+        idx = torch.randint(len(pixels), (config.vision_batch_size,), generator=gen)
+        feats = tower(pixels[idx], output_hidden_states=True).hidden_states[layer][:, 1:]
+        losses = [
+            torch.nn.functional.cross_entropy(head(feats).flatten(0, 1), targets[idx][..., k].flatten(),
+                                              ignore_index=IGNORE_INDEX)
+            for k, head in enumerate(heads)
+        ]
+        loss = torch.stack(losses).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_value = float(loss.detach())
+    tower.eval()
+    return loss_value
+
+
+def _lr_factor(step: int, config: WorldModelConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def instruction_tune(
+    model: LlavaForConditionalGeneration, pixels: torch.Tensor, sampler: ExampleSampler, pad_id: int,
+    config: WorldModelConfig, progress: bool = True,
+) -> float:
+    """Stage 2 (vision tower frozen); returns the mean loss of the last 20 steps."""
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
+    model.train()
+    model.model.vision_tower.eval()
+    recent: list[float] = []
+    image_token_id = int(model.config.image_token_id)
+    bar = tqdm(range(config.steps), desc="instruction tuning", disable=not progress)
+    for _ in bar:
+        examples = [sampler.sample() for _ in range(config.batch_size)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            total, n_tokens = answer_loss(model, examples, pixels, pad_id, image_token_id)
+        loss = total / max(1, n_tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        recent = (recent + [float(loss.detach())])[-20:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    model.eval()
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(True)
+    return sum(recent) / max(1, len(recent))
+
+
+@dataclass
+class TrainReport:
+    parameters: int
+    vision_loss: float
+    loss: float
+    vision_seconds: float
+    tuning_seconds: float
+    config: dict[str, Any]
+
+    @property
+    def training_seconds(self) -> float:
+        return self.vision_seconds + self.tuning_seconds
+
+
+def train_world_vlm(out_dir: str | Path, config: WorldModelConfig, progress: bool = True) -> TrainReport:
+    """Build, train and ``save_pretrained`` the base VLM into ``out_dir`` (writes ``train_report.json``)."""
+    out = Path(out_dir)
+    torch.manual_seed(config.seed)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        build_tiny_vlm(out, arch="llava", chat_format=CHAT_FORMAT, seed=config.seed, tokenizer=world_tokenizer(),
+                       **config.sizes)
+        model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(out)
+        scenes = generate_scenes("train", config.train_scenes)
+        pixels = pixel_tensor([s.render() for s in tqdm(scenes, desc="rendering train scenes", disable=not progress)],
+                              processor)
+        t0 = time.perf_counter()
+        vision_loss = pretrain_vision(model, pixels, cell_targets(scenes), config, progress)
+        t1 = time.perf_counter()
+        sampler = ExampleSampler(scenes, PromptEncoder(processor), config)
+        loss = instruction_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config, progress)
+        t2 = time.perf_counter()
+    finally:
+        torch.set_num_threads(previous_threads)
+    model.save_pretrained(out)
+    report = TrainReport(
+        parameters=sum(p.numel() for p in model.parameters()),
+        vision_loss=vision_loss,
+        loss=loss,
+        vision_seconds=t1 - t0,
+        tuning_seconds=t2 - t1,
+        config=config.to_json(),
+    )
+    (out / "train_report.json").write_text(json.dumps({**dataclasses.asdict(report),
+                                                        "training_seconds": report.training_seconds}, indent=1))
+    log.info("trained ShapesWorld VLM (%d parameters) in %.0f s, final loss %.3f", report.parameters,
+             report.training_seconds, loss)
+    return report

@@ -1,0 +1,136 @@
+"""The base-VLM code at the seconds-scale configuration (the full model is built by `svp world build`)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from svp.cli import app
+from svp.evaluation.generation import question_inputs
+from svp.evaluation.suite import EvalOptions, evaluate_world
+from svp.models.loading import load_vlm
+from svp.prompts import build_messages
+from svp.world.build import ensure_world
+from svp.world.model import (
+    IGNORE_INDEX,
+    ExampleSampler,
+    PromptEncoder,
+    WorldModelConfig,
+    answer_loss,
+    pixel_tensor,
+    question_messages,
+    training_grounding,
+)
+from svp.world.premise import premise_check
+from svp.world.scenes import generate_scene, generate_scenes
+
+FAST = EvalOptions(batch_size=8, caption_tokens=24, answer_tokens=6, meteor=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return ensure_world(tmp_path_factory.mktemp("world"), scale="ci", progress=False)
+
+
+@pytest.fixture(scope="module")
+def vlm(world):
+    return load_vlm(world.model_dir)
+
+
+def test_build_writes_versioned_layout_and_is_reused(world):
+    assert world.root.name == "v1-ci"
+    assert (world.model_dir / "config.json").is_file() and (world.model_dir / "train_report.json").is_file()
+    assert (world.data_dirs["test"] / "captions_coco.json").is_file()
+    assert not (world.data_dirs["unlabelled"] / "scenes.json").exists()
+    first = json.loads((world.data_dirs["train"] / "vq_pairs.jsonl").read_text().splitlines()[0])
+    assert first["conversations"][0]["value"].startswith("<image>\nIs there")
+    stamp = (world.root / "build.json").stat().st_mtime_ns
+    again = ensure_world(world.root.parent, scale="ci", progress=False)
+    assert (again.root / "build.json").stat().st_mtime_ns == stamp
+    report = json.loads((world.model_dir / "train_report.json").read_text())
+    # training lowered the answer loss from about log(vocab) at initialisation
+    assert report["loss"] < 4.0 and report["parameters"] > 0
+
+
+def test_training_inputs_are_what_inference_builds(vlm):
+    encoder = PromptEncoder(vlm.processor)
+    image = generate_scene("train", 0).render()
+    assert encoder.prompt_ids(build_messages("base")) == vlm.prompt_inputs(image, "base").input_ids.tolist()
+    ctx = "large red circle: [0.10, 0.20, 0.30, 0.40]"
+    assert encoder.prompt_ids(build_messages("grounded", ctx)) == vlm.prompt_inputs(image, "grounded", ctx).input_ids.tolist()
+    q = "Is there a red circle in the image? Answer the question using a single word or phrase."
+    assert encoder.prompt_ids(question_messages(q)) == question_inputs(vlm, image, q).input_ids.tolist()
+    assert torch.allclose(pixel_tensor([image], vlm.processor), vlm.prompt_inputs(image, "base").vision["pixel_values"],
+                          atol=1e-5)
+    assert vlm.tokenizer.unk_token_id not in encoder.prompt_ids(build_messages("grounded", ctx))
+
+
+def test_shared_prefix_loss_equals_plain_forward(vlm):
+    scenes = generate_scenes("train", 20)
+    encoder = PromptEncoder(vlm.processor)
+    sampler = ExampleSampler(scenes, encoder, WorldModelConfig.ci())
+    examples = [sampler.sample() for _ in range(10)]
+    pixels = pixel_tensor([s.render() for s in scenes], vlm.processor)
+    model = vlm.model
+    width = max(len(p) + len(a) for _, p, a in examples)
+    ids = torch.full((len(examples), width), vlm.pad_token_id)
+    labels = torch.full((len(examples), width), IGNORE_INDEX)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, (_, p, a) in enumerate(examples):
+        ids[r, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[r, len(p) : len(p) + len(a)] = torch.tensor(a)
+        attention[r, : len(p) + len(a)] = 1
+    plain = model(input_ids=ids, attention_mask=attention, pixel_values=pixels[[i for i, _, _ in examples]],
+                  labels=labels).loss
+    total, n_tokens = answer_loss(model, examples, pixels, vlm.pad_token_id, vlm.image_token_id)
+    assert n_tokens == int((labels != IGNORE_INDEX).sum())
+    assert float(total / n_tokens) == pytest.approx(float(plain), rel=1e-5)
+    weight = model.model.language_model.layers[0].self_attn.q_proj.weight
+    g_plain = torch.autograd.grad(plain, weight)[0]
+    g_shared = torch.autograd.grad(answer_loss(model, examples, pixels, vlm.pad_token_id, vlm.image_token_id)[0]
+                                   / n_tokens, weight)[0]
+    assert torch.allclose(g_plain, g_shared, atol=1e-6, rtol=1e-4)
+
+
+def test_training_groundings_are_true():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for scene in generate_scenes("train", 50):
+        boxes = training_grounding(scene, rng)
+        kinds = {o.kind for o in scene.objects}
+        for b in boxes:
+            assert b.label.split(" ", 1)[-1] in kinds or b.label in kinds
+            assert any(abs(b.xyxy[0] - o.box[0]) <= 0.02 + 1e-9 for o in scene.objects)
+
+
+def test_evaluation_suite_and_premise_run_on_the_model(vlm):
+    results, texts = evaluate_world(vlm, n_scenes=3, options=FAST)
+    assert set(results) == {"captioning", "objects", "grounded_all_boxed", "pope_random", "pope_popular",
+                            "pope_adversarial", "reg", "counting"}
+    for group in results.values():
+        for value in group.values():
+            assert value >= 0.0
+    assert 0.0 <= results["objects"]["object_recall"] <= 1.0
+    assert len(texts["caption"]) == 3
+    premise = premise_check(vlm, n_scenes=2, k=2, options=FAST)
+    assert premise["grounding"]["samples"] == 4.0
+    assert set(premise["prior"]) == set(premise["grounded"])
+
+
+def test_cli_eval_and_export(world, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", str(world.model_dir), "--n", "2", "--tasks", "pope,count", "--no-meteor",
+                              "--batch-size", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert set(payload["results"]) == {"pope_random", "pope_popular", "pope_adversarial", "counting"}
+    assert "pope_random" in res.output
+    res = runner.invoke(app, ["eval", str(world.model_dir), "--n", "2", "--tasks", "nonsense"])
+    assert res.exit_code != 0
+    res = runner.invoke(app, ["world", "export", "test", "3", str(tmp_path / "exp")])
+    assert res.exit_code == 0 and (tmp_path / "exp" / "manifest.txt").is_file()
+    res = runner.invoke(app, ["world", "export", "validation", "3", str(tmp_path / "bad")])
+    assert res.exit_code != 0
