@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,25 @@ def test_repeated_request_gives_the_same_answer(gdino_client: GrounderClient) ->
     first, second = gdino_client.ground(request), gdino_client.ground(request)
     assert first.results == second.results
 
+
+
+def test_concurrent_requests_give_the_sequential_answers(gdino_client: GrounderClient) -> None:
+    requests = [GroundingRequest(items=[scene_item(i)], box_threshold=0.5) for i in range(len(SCENES))]
+    sequential = [gdino_client.ground(r).results for r in requests]
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        concurrent = list(pool.map(lambda r: gdino_client.ground(r).results, requests * 2))
+    for i, results in enumerate(concurrent):
+        assert results == sequential[i % len(requests)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_boxes(tiny_gdino_dir: Path) -> None:
+    from services.grounder.groundingdino import GroundingDinoEngine
+
+    images = [scene.render() for scene in SCENES]
+    phrases = [extract_phrases(canonical_caption(scene.objects)) for scene in SCENES]
+    on_cpu = GroundingDinoEngine(str(tiny_gdino_dir), "cpu").detect(images, phrases, 0.5, 0.2)
+    on_gpu = GroundingDinoEngine(str(tiny_gdino_dir), "cuda").detect(images, phrases, 0.5, 0.2)
+    for cpu_boxes, gpu_boxes in zip(on_cpu, on_gpu, strict=True):
+        assert_same_boxes(gpu_boxes, cpu_boxes, tol=1e-3)
