@@ -18,6 +18,13 @@ TINY_VLM_ARCHS = ("llava", "llava_next")
 
 
 @pytest.fixture(scope="session")
+def single_torch_thread() -> None:
+    """One torch thread in the test process: tiny models gain nothing from more, and on a shared
+    machine with few cores oversubscribed threads make every forward pass many times slower."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
 def tiny_vlm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``{"llava": path, "llava_next": path}``: tiny VLMs in the ``llava_v1`` chat format."""
     root = tmp_path_factory.mktemp("tiny-vlms")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+import torch
 from fastapi import APIRouter
 from PIL import Image
 from pydantic import Field, field_validator
@@ -41,6 +42,9 @@ class VLMServiceSettings(ServiceSettings):
     dtype: str = Field(default="auto", description="'auto' (bfloat16 on CUDA, else float32) or a dtype name.")
     max_batch_rows: int = Field(default=64, ge=1, le=4096, description="Rows (samples/continuations) per batch.")
     max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0, description="How long a batch waits to fill.")
+    num_threads: int | None = Field(
+        default=None, ge=1, le=1024, description="torch CPU threads of the process (None: torch's default)."
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -77,6 +81,8 @@ class VLMService(ABC, Generic[EngineT, JobT, ResultT]):
         self._loading = loop.run_in_executor(self._executor, self._load)
 
     def _load(self) -> None:
+        if self.settings.num_threads is not None:
+            torch.set_num_threads(self.settings.num_threads)
         try:
             self._engine = self._engine_factory(self.settings)
             log.info("model %s loaded (chat format %s)", self.settings.model, self._engine.chat_format)

@@ -21,6 +21,7 @@ MAX_N = 16
 MAX_NEW_TOKENS = 64
 MAX_IMAGE_PIXELS = 128 * 128
 BOXES = [Box(label="red circle", xyxy=(0.1, 0.2, 0.4, 0.5)), Box(label="blue square", xyxy=(0.5, 0.5, 0.9, 0.8))]
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 IMAGE = noise_image(40, 30, seed=1)
 
 
@@ -40,6 +41,7 @@ def sampler(arch: str, tiny_vlm_dirs: dict[str, Path], tiny_vlm_artifacts: dict[
         "SVP_SAMPLER_MAX_N": str(MAX_N),
         "SVP_SAMPLER_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
         "SVP_SAMPLER_MAX_WAIT_MS": "200",
+        "SVP_SAMPLER_NUM_THREADS": "1",
     }
     with running_service("sampler", env, tmp_path_factory.mktemp("logs")) as proc:
         with SamplerClient(proc.url, retries=0) as client:
