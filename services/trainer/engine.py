@@ -52,8 +52,9 @@ class TrainingEngine(ABC):
 class PeftLoraEngine(TrainingEngine):
     """Loads the base model fresh for every job (peft modifies it in place) and runs the LoRA loop."""
 
-    def __init__(self, device: str, dtype: str):
+    def __init__(self, device: str, dtype: str, activation_checkpointing: bool = False):
         self.device, self.dtype = device, dtype
+        self.activation_checkpointing = activation_checkpointing
 
     def check_base_model(self, base_model: str) -> None:
         from transformers import AutoConfig
@@ -83,9 +84,10 @@ class PeftLoraEngine(TrainingEngine):
         return train_lora(
             vlm, spec.samples, spec.config, spec.output_dir, parent_adapter=spec.parent_adapter,
             merged_dir=spec.merged_dir, record=spec.record, on_progress=on_progress, should_stop=should_stop,
+            activation_checkpointing=self.activation_checkpointing,
         )
 
 
 def create_engine(settings: Settings) -> TrainingEngine:
     """The training engine for ``settings`` (peft LoRA on transformers; the only one so far)."""
-    return PeftLoraEngine(settings.device, settings.dtype)
+    return PeftLoraEngine(settings.device, settings.dtype, settings.activation_checkpointing)

@@ -21,6 +21,9 @@ class Settings(ServiceSettings):
         description="Weights dtype of the base model: 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', "
         "'bfloat16' or 'float16'. LoRA weights stay float32; bf16 autocast follows the job's mixed_precision.",
     )
+    activation_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: same gradients, far less memory."
+    )
     max_queued_jobs: int = Field(default=32, ge=1, description="Queued jobs beyond this are refused (503).")
 
     @field_validator("device")

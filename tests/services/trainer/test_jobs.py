@@ -53,6 +53,11 @@ def test_job_trains_publishes_and_raises_target_likelihood(
     vlm.model = PeftModel.from_pretrained(vlm.model, str(adapter))
     after = target_logprob(vlm, samples)
     assert after > before + 10.0, (before, after)
+    # The sampler and scorer load it by name, through the same loader they serve with.
+    served = load_vlm(tiny_llava_dir)
+    served.load_adapter("r1-round1", roots.artifact_root)
+    with served.use_adapter("r1-round1"):
+        assert target_logprob(served, samples) == pytest.approx(after, rel=1e-5)
     merged = load_vlm(done.merged_path or "")
     assert target_logprob(merged, samples) == pytest.approx(after, rel=1e-4)
 

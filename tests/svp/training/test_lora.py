@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from svp.contract import TrainingConfig, TrainingProgress
 from svp.models.loading import load_vlm
+from svp.models.tiny import build_tiny_vlm
 from svp.training.dataset import ConversationSample
 from svp.training.lora import (
     ADAPTER_CONFIG,
@@ -103,6 +104,28 @@ def test_train_projector_saves_a_trained_projector(tiny_llava_dir: Path, scene_s
     assert projector
     trained = next(v for k, v in weights.items() if k.endswith("multi_modal_projector.linear_1.weight"))
     assert not torch.equal(trained, before)
+
+
+def test_activation_checkpointing_gives_the_same_update(
+    tiny_llava_dir: Path, scene_samples: list[ConversationSample], tmp_path: Path
+) -> None:
+    config = FAST.model_copy(update={"max_steps": 2, "warmup_ratio": 0.0})
+    plain = train_lora(load_vlm(tiny_llava_dir), scene_samples, config, tmp_path / "plain")
+    vlm = load_vlm(tiny_llava_dir)
+    checkpointed = train_lora(vlm, scene_samples, config, tmp_path / "ckpt", activation_checkpointing=True)
+    assert vlm.model.base_model.model.model.language_model.gradient_checkpointing
+    assert checkpointed.metrics["final_loss"] == pytest.approx(plain.metrics["final_loss"], rel=1e-5)
+    a = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "ckpt" / "adapter_model.safetensors"))
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_llava_next_trains(tmp_path: Path, scene_samples: list[ConversationSample]) -> None:
+    # Any-resolution tiles (5-D pixel values + image sizes) through the same loop.
+    model_dir = build_tiny_vlm(tmp_path / "next", arch="llava_next", chat_format="mistral_instruct")
+    result = train_lora(load_vlm(model_dir), scene_samples, FAST, tmp_path / "adapter")
+    assert result.metrics["final_loss"] < result.metrics["first_loss"] - 0.3
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_llava_dir: Path, scene_samples: list[ConversationSample],
