@@ -199,7 +199,12 @@ class TrainerService:
     # ------------------------------------------------------------ API
 
     def create(self, request: TrainingJobCreate) -> TrainingJobPublic:
+        """Queue a new job, or return the live or succeeded job of an identical request (so a
+        client that retries a POST whose reply it lost gets the same job, not a conflict)."""
         with self._lock:
+            for job in self.store.all():
+                if job.request == request and job.state in ("queued", "running", "succeeded"):
+                    return job
             queued = sum(j.state == "queued" for j in self.store.all())
             if queued >= self.settings.max_queued_jobs:
                 raise ServiceError(503, f"{queued} jobs are queued; the limit is {self.settings.max_queued_jobs}",

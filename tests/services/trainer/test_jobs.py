@@ -70,10 +70,12 @@ def test_job_trains_publishes_and_raises_target_likelihood(
 def test_cvq_job_mixes_the_requested_ratio(client: TrainerClient, roots: TrainerEnv, tiny_llava_dir: Path) -> None:
     write_vq(roots.data_root, roots.data_root / "vq" / "pairs.jsonl", 12)
     config = FAST.model_copy(update={"cvq_ratio": 0.5, "max_steps": 1})
-    job = client.create_job(TrainingJobCreate(base_model=str(tiny_llava_dir), dataset_path=SELECTED,
-                                              vq_dataset_path="vq/pairs.jsonl", output_name="r1-cvq", config=config))
+    request = TrainingJobCreate(base_model=str(tiny_llava_dir), dataset_path=SELECTED,
+                                vq_dataset_path="vq/pairs.jsonl", output_name="r1-cvq", config=config)
+    job = client.create_job(request)
     done = wait_for_state(client, job.id, ("succeeded", "failed"))
     assert done.state == "succeeded", done.error
+    assert client.create_job(request).id == job.id  # a retried POST is idempotent
     assert done.metrics["dataset_samples"] == N_SAMPLES + N_SAMPLES // 2
     assert done.metrics["vq_samples"] == N_SAMPLES // 2
     saved = json.loads((roots.artifact_root / "adapters" / "r1-cvq" / "training_config.json").read_text())
@@ -103,8 +105,13 @@ def test_cancel_running_and_queued_jobs(client: TrainerClient, roots: TrainerEnv
     long = FAST.model_copy(update={"epochs": 100})  # 200 steps: far longer than the test waits
     running = client.create_job(TrainingJobCreate(base_model=str(tiny_llava_dir), dataset_path=SELECTED,
                                                   output_name="long-1", config=long))
-    queued = client.create_job(TrainingJobCreate(base_model=str(tiny_llava_dir), dataset_path=SELECTED,
-                                                 output_name="long-2", config=long))
+    queued_request = TrainingJobCreate(base_model=str(tiny_llava_dir), dataset_path=SELECTED,
+                                       output_name="long-2", config=long)
+    queued = client.create_job(queued_request)
+    assert client.create_job(queued_request).id == queued.id  # same request: the same job, not a second one
+    with pytest.raises(APIError) as conflict:  # another request for the same output: a conflict
+        client.create_job(queued_request.model_copy(update={"merge": True}))
+    assert conflict.value.status == 409
     wait_for_step(client, running.id, 2)
     assert client.get_job(queued.id).state == "queued"  # one job at a time
     assert client.cancel_job(queued.id).state == "cancelled"
