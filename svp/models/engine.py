@@ -250,16 +250,15 @@ class TransformersEngine(SamplingEngine, ScoringEngine):
         limit = torch.tensor([jobs[j].max_new_tokens for j in row_job], device=device)
         top_k = max(job.top_logprobs for job in jobs)
 
-        batch = vlm.collate([prompts[j] for j in row_job], [[] for _ in row_job])
-        attention = batch.model_inputs["attention_mask"]
-        positions = batch.model_inputs["position_ids"][:, -1:]
-        out = vlm.model(**batch.model_inputs, use_cache=True, logits_to_keep=1)
+        pre = vlm.prefill(prompts, row_job)
+        cache, attention, positions = pre.cache, pre.attention_mask, pre.next_position[:, None]
+        next_logits = pre.next_logits
         tokens_out: list[list[int]] = [[] for _ in range(rows)]
         logprobs_out: list[list[float]] = [[] for _ in range(rows)]
         top_out: list[list[list[tuple[int, float]]]] = [[] for _ in range(rows)]
         finish: list[FinishReason | None] = [None] * rows
         for step in range(int(limit.max())):
-            logits = out.logits[:, -1].float()
+            logits = next_logits.float()
             raw = torch.log_softmax(logits, dim=-1)
             allowed = logits.index_fill(-1, self._suppressed, float("-inf"))
             warped = _top_p_filter(allowed / sampling_temperature[:, None], top_p)
@@ -288,9 +287,9 @@ class TransformersEngine(SamplingEngine, ScoringEngine):
             if all(f is not None for f in finish):
                 break
             attention = torch.cat([attention, attention.new_ones(rows, 1)], dim=-1)
-            positions = positions + 1
             out = vlm.model(input_ids=chosen[:, None], attention_mask=attention, position_ids=positions,
-                            past_key_values=out.past_key_values, use_cache=True)
+                            past_key_values=cache, use_cache=True)
+            cache, next_logits, positions = out.past_key_values, out.logits[:, -1], positions + 1
 
         samples: list[list[GeneratedSample]] = [[] for _ in jobs]
         for r, j in enumerate(row_job):
@@ -319,16 +318,13 @@ class TransformersEngine(SamplingEngine, ScoringEngine):
         q_prompts, p_prompts = [q for q, _ in prompts], [p for _, p in prompts]
         row_job = [j for j, job in enumerate(jobs) for _ in job.continuations]
         continuations = [c for job in jobs for c in job.continuations]
-        # One forward pass per prompt kind over every continuation of every job.
-        q_batch = self.vlm.collate([q_prompts[j] for j in row_job], continuations)
-        p_batch = self.vlm.collate([p_prompts[j] for j in row_job], continuations)
-        logq = self.vlm.suffix_logprobs(q_batch)
-        logp = self.vlm.suffix_logprobs(p_batch)
-        mask = q_batch.suffix_mask
+        # Per prompt kind: one prefill of each job's prompt, one forward pass over all continuations.
+        logq, ids, mask = self.vlm.continuation_logprobs(q_prompts, row_job, continuations)
+        logp, _, _ = self.vlm.continuation_logprobs(p_prompts, row_job, continuations)
         stats = position_stats(logq, logp, mask)
         reduced = {norm: scores_from_stats(stats, mask, norm) for norm in {job.normalization for job in jobs}}
-        chosen_q = logq.gather(-1, q_batch.suffix_ids[..., None])[..., 0]
-        chosen_p = logp.gather(-1, q_batch.suffix_ids[..., None])[..., 0]
+        chosen_q = logq.gather(-1, ids[..., None])[..., 0]
+        chosen_p = logp.gather(-1, ids[..., None])[..., 0]
         out: list[list[ContinuationScore]] = [[] for _ in jobs]
         for r, j in enumerate(row_job):
             length = len(continuations[r])

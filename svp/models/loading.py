@@ -129,6 +129,17 @@ def _stack_vision(prompts: Sequence[PromptInputs]) -> dict[str, torch.Tensor]:
 
 
 @dataclass
+class Prefilled:
+    """Prompts run through the model, one row per sample/continuation: the KV cache, the logits that
+    predict each row's first new token, the attention mask so far and the next position id."""
+
+    cache: Any
+    next_logits: torch.Tensor  # [rows, vocab]
+    attention_mask: torch.Tensor  # [rows, prompt_end]
+    next_position: torch.Tensor  # [rows]
+
+
+@dataclass
 class LoadedVLM:
     """A loaded VLM and everything needed to prompt it. Not thread-safe: use it from one thread."""
 
@@ -247,16 +258,56 @@ class LoadedVLM:
         return CollatedBatch(model_inputs, prompt_end, suffix_ids, suffix_mask)
 
     @torch.inference_mode()
-    def suffix_logprobs(self, batch: CollatedBatch) -> torch.Tensor:
-        """Full-vocabulary log-softmax (float32) predicting each suffix token: ``[rows, T, vocab]``.
+    def prefill(self, prompts: Sequence[PromptInputs], rows: Sequence[int]) -> Prefilled:
+        """Run each distinct prompt once (left-padded batch), then give row ``r`` the KV cache of ``prompts[rows[r]]``.
 
-        Positions past a row's suffix hold whatever the padding gives; mask them with ``suffix_mask``.
+        ``n`` samples or ``M`` continuations of one prompt share its forward pass, its image
+        features and its cache instead of recomputing them per row.
         """
-        suffix_len = batch.suffix_ids.shape[1]
-        if suffix_len == 0:
-            raise ValueError("no suffix tokens to score")
-        logits = self.model(**batch.model_inputs, use_cache=False, logits_to_keep=suffix_len + 1).logits
-        return torch.log_softmax(logits[:, :suffix_len].float(), dim=-1)
+        batch = self.collate(prompts, [[] for _ in prompts])
+        out = self.model(**batch.model_inputs, use_cache=True, logits_to_keep=1)
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        cache = out.past_key_values
+        cache.batch_select_indices(index)
+        attention = batch.model_inputs["attention_mask"]
+        return Prefilled(
+            cache=cache,
+            next_logits=out.logits[:, -1][index],
+            attention_mask=attention[index],
+            next_position=(attention.sum(-1))[index],
+        )
+
+    @torch.inference_mode()
+    def continuation_logprobs(
+        self, prompts: Sequence[PromptInputs], rows: Sequence[int], continuations: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher forcing: full-vocabulary log-softmax (float32) predicting each token of ``continuations[r]``
+        after ``prompts[rows[r]]``, as ``(logprobs [R, T, vocab], token_ids [R, T], mask [R, T])``.
+
+        One prefill of the distinct prompts, then one forward pass over all continuations on the
+        shared cache. Positions where ``mask`` is 0 are padding.
+        """
+        if len(rows) != len(continuations) or any(len(c) == 0 for c in continuations):
+            raise ValueError("need one non-empty continuation per row")
+        pre = self.prefill(prompts, rows)
+        width = max(len(c) for c in continuations)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for r, cont in enumerate(continuations):
+            ids[r, : len(cont)] = torch.tensor(list(cont), dtype=torch.long, device=self.device)
+            mask[r, : len(cont)] = 1
+        logits = [pre.next_logits[:, None].float()]
+        if width > 1:
+            # Token t is predicted from tokens < t: feed all but the last one after the prompt.
+            out = self.model(
+                input_ids=ids[:, :-1],
+                attention_mask=torch.cat([pre.attention_mask, mask[:, :-1]], dim=-1),
+                position_ids=pre.next_position[:, None] + torch.arange(width - 1, device=self.device),
+                past_key_values=pre.cache,
+                use_cache=True,
+            )
+            logits.append(out.logits.float())
+        return torch.log_softmax(torch.cat(logits, dim=1), dim=-1), ids, mask
 
     # ------------------------------------------------------------ adapters
 

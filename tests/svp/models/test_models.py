@@ -89,21 +89,26 @@ def test_llava_next_expands_the_image_into_tiles(model_dir):
 
 
 @pytest.mark.parametrize("arch", ["llava", "llava_next"])
-def test_collated_rows_give_the_logprobs_of_each_row_alone(model_dir, arch):
+def test_teacher_forced_rows_give_the_logprobs_of_each_row_alone(model_dir, arch):
     vlm = load_vlm(model_dir(arch))
     base = vlm.prompt_inputs(Image.new("RGB", (40, 30), "red"), "base")
     grounded = vlm.prompt_inputs(Image.new("RGB", (30, 70), "blue"), "grounded", CONTEXT)
-    rows = [(base, [10, 11, 12]), (grounded, [13]), (base, [])]
-    batch = vlm.collate([r[0] for r in rows], [r[1] for r in rows])
+    # Prompts of different lengths (and LLaVA-NeXT tile counts) left-padded; continuations right-padded.
+    batch = vlm.collate([base, grounded, base], [[10, 11, 12], [13], []])
     assert batch.suffix_mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
-    logprobs = vlm.suffix_logprobs(batch)
+    assert batch.prompt_end == max(len(base), len(grounded))
+
+    rows, continuations = [0, 1, 0], [[10, 11, 12], [13], [14, 15]]
+    logprobs, ids, mask = vlm.continuation_logprobs([base, grounded], rows, continuations)
     assert logprobs.shape == (3, 3, vlm.vocab_size)
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]] and ids[0].tolist() == [10, 11, 12]
     with torch.no_grad():
-        for r, (prompt, suffix) in enumerate(rows[:2]):
-            ids = torch.cat([prompt.input_ids, torch.tensor(suffix)])[None]
-            logits = vlm.model(input_ids=ids, **prompt.vision).logits[0]
-            alone = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(suffix)], -1)
-            torch.testing.assert_close(logprobs[r, : len(suffix)], alone, atol=1e-5, rtol=0)
+        for r, cont in enumerate(continuations):
+            prompt = [base, grounded][rows[r]]
+            full = torch.cat([prompt.input_ids, torch.tensor(cont)])[None]
+            logits = vlm.model(input_ids=full, **prompt.vision).logits[0]
+            alone = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(cont)], -1)
+            torch.testing.assert_close(logprobs[r, : len(cont)], alone, atol=1e-5, rtol=0)
 
 
 def test_a_template_without_a_system_role_gets_the_system_text_in_the_user_turn(model_dir, tmp_path):
@@ -143,13 +148,15 @@ def test_adapters_load_by_name_and_switch(model_dir, tmp_path):
     peft_model.save_pretrained(tmp_path / "adapters" / "x")
 
     prompt = vlm.prompt_inputs(Image.new("RGB", (32, 32), "green"), "base")
-    batch = vlm.collate([prompt], [[10, 11]])
-    before = vlm.suffix_logprobs(batch)
+    def logprobs() -> torch.Tensor:
+        return vlm.continuation_logprobs([prompt], [0], [[10, 11]])[0]
+
+    before = logprobs()
     assert vlm.load_adapter("x", tmp_path) == (tmp_path / "adapters" / "x").resolve()
     with vlm.use_adapter("x"):
-        adapted = vlm.suffix_logprobs(batch)
+        adapted = logprobs()
     with vlm.use_adapter(None):
-        plain = vlm.suffix_logprobs(batch)
+        plain = logprobs()
     assert (adapted - before).abs().max() > 1e-3
     torch.testing.assert_close(plain, before)
     with pytest.raises(AdapterNotFoundError, match="'other'"), vlm.use_adapter("other"):
