@@ -15,6 +15,7 @@ from svp.models.tiny import build_tiny_vlm
 from svp.models.tokenizer import IMAGE, build_word_tokenizer, default_vocabulary
 from svp.prompts import PAPER_PROMPTS
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 P = PAPER_PROMPTS
 CONTEXT = render_context([Box(label="red circle", xyxy=(0.1, 0.2, 0.3, 0.4))])
 
