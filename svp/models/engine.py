@@ -21,7 +21,7 @@ from PIL import Image
 
 from svp.contract import FinishReason, Normalization, PromptKind
 from svp.models.loading import LoadedVLM, PromptInputs
-from svp.scoring import position_stats, scores_from_stats
+from svp.scoring import PositionStats, position_stats, scores_from_stats
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class _AdapterJob(Protocol):
 
 
 JobT = TypeVar("JobT", bound=_AdapterJob)
+# Largest [rows, time, vocab] block whose float64 statistics are computed at once (~1 GiB per tensor).
+STATS_CHUNK_ELEMENTS = 1 << 27
 PreparedT = TypeVar("PreparedT")
 ResultT = TypeVar("ResultT")
 
@@ -321,7 +323,11 @@ class TransformersEngine(SamplingEngine, ScoringEngine):
         # Per prompt kind: one prefill of each job's prompt, one forward pass over all continuations.
         logq, ids, mask = self.vlm.continuation_logprobs(q_prompts, row_job, continuations)
         logp, _, _ = self.vlm.continuation_logprobs(p_prompts, row_job, continuations)
-        stats = position_stats(logq, logp, mask)
+        # Exact statistics in float64 over the full vocabulary, a bounded number of rows at a time.
+        rows_per_chunk = max(1, STATS_CHUNK_ELEMENTS // (logq.shape[1] * logq.shape[2]))
+        chunks = [position_stats(logq[i : i + rows_per_chunk], logp[i : i + rows_per_chunk],
+                                 mask[i : i + rows_per_chunk]) for i in range(0, logq.shape[0], rows_per_chunk)]
+        stats = PositionStats(*(torch.cat([getattr(c, f) for c in chunks]) for f in ("kl", "entropy_q", "entropy_p")))
         reduced = {norm: scores_from_stats(stats, mask, norm) for norm in {job.normalization for job in jobs}}
         chosen_q = logq.gather(-1, ids[..., None])[..., 0]
         chosen_p = logp.gather(-1, ids[..., None])[..., 0]

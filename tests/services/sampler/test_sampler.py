@@ -169,3 +169,26 @@ def test_bad_input_is_a_clear_4xx_and_the_service_stays_healthy(sampler, name, b
         assert error["param"] == param
     assert sampler.health().status == "ok" and sampler.ready()
     assert len(sampler.generate(request(max_new_tokens=2)).samples) == 1
+
+
+def test_a_model_that_cannot_load_keeps_the_service_up_but_not_ready(tmp_path):
+    """In-process: readiness reports the load error naming the model; requests get a 503."""
+    import asyncio
+
+    from services.sampler.service import SamplerService
+    from services.sampler.settings import Settings
+    from svp.service import ServiceError
+
+    async def run() -> None:
+        service = SamplerService(Settings(model=str(tmp_path / "no-model-here"), artifact_root=tmp_path))
+        assert service.health().status == "loading"
+        await service.start()
+        await service.wait_loaded()
+        health = service.health()
+        assert health.status == "error" and "no-model-here" in (health.detail or "")
+        with pytest.raises(ServiceError) as err:
+            await service.generate(request())
+        assert err.value.status == 503 and "no-model-here" in err.value.message
+        await service.stop()
+
+    asyncio.run(run())

@@ -125,3 +125,16 @@ def test_on_cuda_in_bfloat16_logprobs_match_teacher_forcing_and_scores_match_flo
     assert not isinstance(on_gpu, Exception) and not isinstance(on_cpu, Exception)
     for g, c in zip(on_gpu, on_cpu, strict=True):
         assert g.S == pytest.approx(c.S, abs=5e-2) and g.delta == pytest.approx(c.delta, abs=5e-2)
+
+
+def test_scores_do_not_depend_on_how_rows_are_chunked(model_dir, monkeypatch):
+    import svp.models.engine as engine_module
+    from svp.models.engine import ScoringJob
+
+    engine = TransformersEngine(load_vlm(model_dir))
+    jobs = [ScoringJob(IMAGE, "red circle: [0.10, 0.20, 0.30, 0.40]", [[30, 34, 49], [5, 6], [7]], "sum", None),
+            ScoringJob(IMAGE, "", [[8, 9]], "mean", None)]
+    whole = engine.score(jobs)
+    monkeypatch.setattr(engine_module, "STATS_CHUNK_ELEMENTS", 1)  # one row per chunk
+    chunked = engine.score(jobs)
+    assert whole == chunked
