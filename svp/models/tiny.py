@@ -4,6 +4,11 @@ Tests (and the ShapesWorld base model, which trains one of these from scratch) l
 ``from_pretrained`` on a local path through exactly the code that loads a Hugging Face
 checkpoint. The image processors are the PIL ones (``*ImageProcessorPil``): transformers' default
 image processors need torchvision, which this project does not install.
+
+Qwen2-VL is not built (nor loaded by :func:`svp.models.loading.load_vlm`): its processor always
+brings a video processor that imports torchvision, and its multimodal rotary positions (M-RoPE)
+need position ids the engine's shared-prefill decoding does not compute. LLaVA-OneVision-style
+ChatML prompts are covered by the ``qwen_1_5`` chat format on a LLaVA architecture.
 """
 
 from __future__ import annotations
