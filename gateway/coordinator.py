@@ -218,15 +218,15 @@ def poll_training(self: Task, run_id: str, round_: int) -> None:
             return
         for service in (clients().sampler, clients().scorer):
             service.load_adapter(job.adapter_name)
-    except APIError as exc:
-        if exc.status >= 500 and self.request.retries < settings().task_max_retries:
-            raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
-        _fail_run(run_id, f"round {round_}: {exc}")
-        return
     except Exception as exc:
-        if is_transient(exc) and self.request.retries < settings().task_max_retries:
+        # A 4xx from a service will not heal; anything else is retried, and past the retries the
+        # run fails with the reason (a poll chain must never end silently).
+        permanent = isinstance(exc, APIError) and exc.status < 500
+        if not permanent and self.request.retries < settings().task_max_retries:
+            log.warning("run %s round %d: polling trainer failed (%s); retrying", run_id, round_, exc)
             raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
-        raise
+        _fail_run(run_id, f"round {round_}: {type(exc).__name__}: {exc}")
+        return
     _finish_training(run_id, round_, job.adapter_name, job.metrics)
 
 
@@ -239,5 +239,9 @@ def _finish_training(run_id: str, round_: int, adapter: str, metrics: dict[str, 
     if round_ < config.iterations:
         start_round.delay(run_id, round_ + 1)
         return
-    write_report(settings().runs_root / run_id, s.get_run(run_id))
-    s.transition(run_id, "succeeded", f"run succeeded after {round_} round(s)")
+    # The report is written as succeeded before the state changes, so a succeeded run always has
+    # one; if the run was cancelled meanwhile, the report is rewritten with its real state.
+    run_dir = settings().runs_root / run_id
+    write_report(run_dir, s.get_run(run_id).model_copy(update={"state": "succeeded"}))
+    if not s.transition(run_id, "succeeded", f"run succeeded after {round_} round(s)"):
+        write_report(run_dir, s.get_run(run_id))

@@ -12,8 +12,11 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import httpx
 
@@ -39,6 +42,7 @@ from svp.contract import (
 from svp.selection import Candidate, select_top
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The sampler and grounder accept at most 64 samples / items per request (svp.contract).
 MAX_BATCH = 64
@@ -121,8 +125,9 @@ def _chunks(n: int) -> Iterator[tuple[int, int]]:
 class InnerLoop:
     """Steps 1-5 of SVP for one image, each step one or a few calls to a model service."""
 
-    def __init__(self, clients: ServiceClients):
+    def __init__(self, clients: ServiceClients, max_concurrency: int = 16):
         self.clients = clients
+        self.max_concurrency = max_concurrency
 
     # ------------------------------------------------------------ steps
 
@@ -189,14 +194,17 @@ class InnerLoop:
             groundings = self.ground(image, [s.text for s in priors])
             timings["grounding_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            grounded = [
-                self.grounded_samples(image, g.boxes, p, 1, derive_seed(p.seed, "grounded", j))[0]
+            # One request per grounding, sent together: the services batch concurrent requests.
+            grounded = [samples[0] for samples in self._concurrently([
+                partial(self.grounded_samples, image, g.boxes, p, 1, derive_seed(p.seed, "grounded", j))
                 for j, g in enumerate(groundings)
-            ]
+            ])]
             timings["grounded_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if p.scoring:
-                values = [self.scores(image, g.boxes, [s], p)[0] for g, s in zip(groundings, grounded, strict=True)]
+                values = [v[0] for v in self._concurrently([
+                    partial(self.scores, image, g.boxes, [s], p) for g, s in zip(groundings, grounded, strict=True)
+                ])]
             else:
                 values = [math.nan] * len(grounded)
             timings["scoring_s"] = time.perf_counter() - t0
@@ -223,6 +231,13 @@ class InnerLoop:
             prior=[s.text for s in priors], candidates=candidates,
             selected=[c.index for c in selection.selected], dropped=dict(selection.dropped), timings=timings,
         )
+
+    def _concurrently(self, calls: list[Callable[[], T]]) -> list[T]:
+        """Run the calls on up to ``max_concurrency`` threads; results in order, the first error raised."""
+        if len(calls) <= 1 or self.max_concurrency == 1:
+            return [call() for call in calls]
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(calls))) as pool:
+            return list(pool.map(lambda call: call(), calls))
 
     @staticmethod
     def _selection_keys(candidates: list[GroundedCandidate], p: SamplingParams) -> list[float]:

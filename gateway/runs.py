@@ -4,7 +4,7 @@ runs, listing, cancelling, artifacts, events, uploads and iSVP.
 Every check that can refuse a run happens before anything is stored, so a refused request
 creates no run. Image sources are resolved here: a directory, a manifest (``.txt``, one path or
 URL a line) or a single image under the data root, or an http(s) URL on an allowed host (fetched
-into ``<data_root>/uploads/<id>/``).
+into ``<data_root>/uploads/<id>/``). Manifest lines are relative to the manifest's directory.
 """
 
 from __future__ import annotations
@@ -140,7 +140,9 @@ class RunService:
             if "://" in line:
                 paths.append(self._fetch_url(line, run_id, n))
                 continue
-            path = resolve_under(root, line, f"images (manifest line {n})")
+            # Lines are relative to the manifest's directory (as ShapesWorld's exports write them).
+            relative = (manifest.parent.relative_to(root) / line).as_posix()
+            path = resolve_under(root, relative, f"images (manifest line {n})")
             if not path.is_file():
                 raise not_found(f"manifest line {n}: image not found under the data root: {line}", "images")
             paths.append(path)
