@@ -7,6 +7,7 @@ import logging
 import typer
 
 from svp import __version__
+from svp.demo import demo_command, run_command, up_command
 from svp.evaluation.cli import eval_command
 from svp.prompts import CHAT_TEMPLATES, PROMPT_SETS
 from svp.world.cli import world_app
@@ -61,6 +62,9 @@ def serve(
 
 app.add_typer(world_app, name="world")
 app.command("eval")(eval_command)
+app.command("demo")(demo_command)
+app.command("up")(up_command)
+app.command("run")(run_command)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,334 @@
+"""``svp up`` (the whole stack as local processes), ``svp run`` (submit a run through the gateway
+and follow it) and ``svp demo`` (one SVP round on ShapesWorld, end to end, base vs adapted).
+
+The commands are thin: process launching is :mod:`svp.stack`, the REST calls are
+:class:`svp.client.GatewayClient`; everything a run does goes through the real gateway API.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from svp.client import GatewayClient
+from svp.contract import RunCreate, RunPublic
+from svp.stack import LocalStack, StackSpec
+
+log = logging.getLogger(__name__)
+
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+def follow_run(client: GatewayClient, run_id: str, poll_s: float = 1.0, timeout_s: float | None = None,
+               progress: bool = True) -> RunPublic:
+    """Poll a run until it ends: a progress bar per round's images, its events as lines above the bar."""
+    seen, bar, bar_round = 0, None, 0
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            run = client.get_run(run_id)
+            for event in client.run_events(run_id, since=seen):
+                seen += 1
+                if progress:
+                    tqdm.write(f"[{event.at:%H:%M:%S}] {event.kind}: {event.message}")
+            if run.rounds and progress:
+                current = run.rounds[-1]
+                if current.round != bar_round:
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm(total=current.images_total, desc=f"round {current.round} images", unit="img")
+                    bar_round = current.round
+                assert bar is not None
+                bar.update(current.images_done - bar.n)
+                bar.set_postfix(state=run.state, selected=current.stages.selected)
+            if run.state in TERMINAL_STATES:
+                return run
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} still {run.state} after {timeout_s}s")
+            time.sleep(poll_s)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def run_command(
+    images: str = typer.Argument(..., help="Directory or manifest under the gateway's data root (or an allowed URL)."),
+    gateway: str = typer.Option("http://127.0.0.1:8000", envvar="SVP_GATEWAY_URL", help="Gateway URL."),
+    api_key: str | None = typer.Option(None, envvar="SVP_API_KEY", help="Bearer key of the gateway."),
+    k: int = typer.Option(20, help="Samples per image (K)."),
+    top_ratio: float = typer.Option(0.2, help="Fraction of each image's samples kept."),
+    score: str = typer.Option("S", help="'S' (KL) or 'delta' (entropy difference)."),
+    iterations: int = typer.Option(1, help="SVP rounds (I <= 3)."),
+    preset: str = typer.Option("llava-1.6-7b", help="Trainer preset (Table 11; 'tiny' for CPU models)."),
+    max_new_tokens: int = typer.Option(128, help="Token limit of each sample."),
+    grounding: bool = typer.Option(True, help="--no-grounding: self-captioning ablation (needs --no-scoring)."),
+    scoring: bool = typer.Option(True, help="--no-scoring: random selection among the candidates."),
+    seed: int = typer.Option(0),
+    follow: bool = typer.Option(True, help="Follow the run until it ends."),
+) -> None:
+    """Submit an SVP run to a gateway and follow it."""
+    request = RunCreate(images=images, k=k, top_ratio=top_ratio, score=score, iterations=iterations,  # type: ignore[arg-type]
+                        preset=preset, max_new_tokens=max_new_tokens, grounding=grounding, scoring=scoring, seed=seed)
+    with GatewayClient(gateway, api_key=api_key, timeout=60) as client:
+        run = client.create_run(request)
+        typer.echo(f"run {run.id} created ({run.state})")
+        if follow:
+            run = follow_run(client, run.id)
+            typer.echo(run.model_dump_json(indent=2))
+            if run.state != "succeeded":
+                raise typer.Exit(1)
+
+
+def up_command(
+    model: Path = typer.Option(..., help="Base VLM (local path) served by the sampler and scorer."),
+    work_dir: Path = typer.Option(Path("artifacts/stack"), help="Logs and Redis data."),
+    data_root: Path = typer.Option(Path("data"), help="Images live under here."),
+    artifact_root: Path = typer.Option(Path("artifacts"), help="Adapters, selected samples, reports."),
+    grounder_backend: str = typer.Option("shapesworld", help="'shapesworld' or 'groundingdino'."),
+    grounder_model: str | None = typer.Option(None, help="GroundingDINO checkpoint (groundingdino backend)."),
+    api_key: str | None = typer.Option(None, envvar="SVP_API_KEY", help="Gateway key (default: a fresh one)."),
+    workers: int = typer.Option(2, help="Worker threads."),
+) -> None:
+    """Start redis-server, the four services, a Celery worker and the gateway locally; Ctrl-C stops them."""
+    api_key = api_key or secrets.token_urlsafe(24)
+    spec = stack_spec(work_dir, data_root, artifact_root, model, api_key, workers, grounder_backend, grounder_model)
+    stack = LocalStack(spec)
+    start_stack(stack)
+    typer.echo(f"gateway {stack.urls['gateway']}  (docs at {stack.urls['gateway']}/docs)\n"
+               f"API key {api_key}\nlogs   {stack.log_dir}\n"
+               f"try: SVP_API_KEY={api_key} svp run <images> --gateway {stack.urls['gateway']}")
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping:
+            dead = [name for name, proc in stack.procs.items() if not proc.alive()]
+            if dead:
+                typer.echo(f"{', '.join(dead)} exited; see {stack.log_dir}", err=True)
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+
+
+def start_stack(stack: LocalStack) -> None:
+    """Start every process of the stack behind a progress bar."""
+    with tqdm(total=7, desc="starting the stack", unit="proc") as bar:
+
+        def ready(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        stack.start(on_ready=ready)
+
+
+def stack_spec(work_dir: Path, data_root: Path, artifact_root: Path, model: Path, api_key: str | None,
+               workers: int, grounder_backend: str = "shapesworld", grounder_model: str | None = None,
+               max_batch_rows: int = 64) -> StackSpec:
+    """The local stack serving ``model`` (sampler + scorer), one grounder, a CPU trainer."""
+    grounder = {"SVP_GROUNDER_BACKEND": grounder_backend}
+    if grounder_model:
+        grounder["SVP_GROUNDER_MODEL"] = grounder_model
+    # The gateway sends a round's grounded samples and scores concurrently; a 20 ms window lets
+    # the services batch them.
+    vlm = {"MODEL": str(model.resolve()), "MAX_BATCH_ROWS": str(max_batch_rows), "MAX_WAIT_MS": "20"}
+    return StackSpec(
+        work_dir=work_dir.resolve(), data_root=data_root.resolve(), artifact_root=artifact_root.resolve(),
+        service_env={
+            "sampler": {f"SVP_SAMPLER_{k}": v for k, v in vlm.items()},
+            "scorer": {f"SVP_SCORER_{k}": v for k, v in vlm.items()},
+            "grounder": grounder,
+            "trainer": {},
+        },
+        gateway_env={"SVP_GATEWAY_BASE_MODEL": str(model.resolve()), "SVP_GATEWAY_TRAINING_POLL_S": "2",
+                     "SVP_GATEWAY_ROUND_CHECK_S": "1"},
+        api_key=api_key,
+        worker_concurrency=workers,
+    )
+
+
+# ---------------------------------------------------------------- svp demo
+
+# The demo's defaults, sized so one round finishes in well under 15 minutes on 2 CPU cores once
+# the base model exists (measured numbers in the report): 300 unlabelled images x K=4 samples,
+# the top half kept, captions up to 64 tokens (a 4-object ShapesWorld caption is ~55 tokens).
+DEMO_IMAGES = 300
+DEMO_K = 4
+DEMO_TOP_RATIO = 0.5
+DEMO_MAX_NEW_TOKENS = 64
+DEMO_TEST_SCENES = 200
+HEADLINE = [("objects", "object_recall"), ("objects", "hallucination_rate"), ("captioning", "CIDEr"),
+            ("captioning", "Bleu_4"), ("pope_adversarial", "f1"), ("pope_random", "f1"), ("counting", "accuracy")]
+
+
+def demo_command(
+    work_dir: Path = typer.Option(Path("artifacts/demo"), help="Stack logs, Redis data, adapters and the report."),
+    world_root: Path | None = typer.Option(None, envvar="SVP_WORLD_ROOT", help="ShapesWorld cache (built if missing)."),
+    scale: str = typer.Option("full", help="ShapesWorld scale: 'full' (the demo) or 'ci' (seconds, for tests)."),
+    images: int = typer.Option(DEMO_IMAGES, min=1, help="Unlabelled images adapted on."),
+    k: int = typer.Option(DEMO_K, min=1, help="Samples per image (K)."),
+    top_ratio: float = typer.Option(DEMO_TOP_RATIO, help="Fraction of each image's samples kept."),
+    max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="Token limit of each sample."),
+    test_scenes: int = typer.Option(DEMO_TEST_SCENES, min=1, help="Held-out test scenes evaluated."),
+    eval_tasks: str = typer.Option("caption,pope,count", help="svp.evaluation world tasks, comma-separated."),
+    ablations: bool = typer.Option(False, help="Also run the paper's Table 6 rows (no feedback; no scoring)."),
+    workers: int = typer.Option(2, min=1, help="Worker threads (each image's requests are concurrent already)."),
+) -> None:
+    """One SVP round on ShapesWorld through the real REST API, then base vs adapted on held-out scenes."""
+    from svp.world.build import ensure_world
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    world = ensure_world(world_root, scale=scale, progress=True)
+    timings["world_s"] = time.perf_counter() - started
+    data_root = world.root / "data"
+    unlabelled = sorted((world.data_dirs["unlabelled"] / "images").glob("*.png"))[:images]
+    manifest = data_root / f"demo-{len(unlabelled)}.txt"
+    manifest.write_text("".join(f"{p.relative_to(data_root).as_posix()}\n" for p in unlabelled))
+    artifact_root = work_dir / "artifacts"
+    api_key = secrets.token_urlsafe(24)
+    variants = {"SVP": {"grounding": True, "scoring": True}}
+    if ablations:
+        variants = {"w/o feedback": {"grounding": False, "scoring": False},
+                    "grounding, no scoring": {"grounding": True, "scoring": False}, **variants}
+    stack = LocalStack(stack_spec(work_dir / "stack", data_root, artifact_root, world.model_dir, api_key, workers))
+    t0 = time.perf_counter()
+    runs: dict[str, RunPublic] = {}
+    start_stack(stack)
+    timings["stack_start_s"] = time.perf_counter() - t0
+    try:
+        with GatewayClient(stack.urls["gateway"], api_key=api_key, timeout=60) as client:
+            for name, switches in variants.items():
+                t0 = time.perf_counter()
+                run = client.create_run(RunCreate(
+                    images=manifest.name, k=k, top_ratio=top_ratio, preset="tiny", max_new_tokens=max_new_tokens,
+                    **switches,  # type: ignore[arg-type]
+                ))
+                typer.echo(f"{name}: run {run.id} over {len(unlabelled)} images, K={k}")
+                runs[name] = follow_run(client, run.id)
+                timings[f"run_s[{name}]"] = time.perf_counter() - t0
+                if runs[name].state != "succeeded":
+                    raise typer.Exit(_fail(f"run {run.id} {runs[name].state}: {runs[name].errors}"))
+    finally:
+        stack.stop()
+    t0 = time.perf_counter()
+    results = _evaluate(world.model_dir, artifact_root, runs, test_scenes,
+                        [t.strip() for t in eval_tasks.split(",") if t.strip()])
+    timings["eval_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - started
+    report = write_demo_report(artifact_root, results, runs, timings, world.build)
+    typer.echo("\n" + comparison_table(results))
+    typer.echo(f"\n{_timing_line(timings)}\nreport: {report}")
+
+
+def _fail(message: str) -> int:
+    typer.echo(message, err=True)
+    return 1
+
+
+def _evaluate(model_dir: Path, artifact_root: Path, runs: dict[str, RunPublic], n: int,
+              tasks: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Metrics of the base model and of each run's final adapter on held-out test scenes (in-process)."""
+    import torch
+
+    from svp.evaluation.suite import EvalOptions, evaluate_world
+    from svp.models.loading import load_vlm
+
+    torch.set_num_threads(1)  # see svp.stack: extra threads spin against the rest of the machine
+    vlm = load_vlm(str(model_dir))
+    options = EvalOptions(meteor=False)
+    results = {"base": evaluate_world(vlm, "test", n, tasks, options)[0]}
+    for name, run in runs.items():
+        adapter = run.rounds[-1].adapter
+        assert adapter is not None
+        vlm.load_adapter(adapter, artifact_root)
+        results[name] = evaluate_world(vlm, "test", n, tasks, options, adapter=adapter)[0]
+    return results
+
+
+def comparison_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Rows ``group/metric``, one column per model (base first), and SVP's change over base."""
+    names = list(results)
+    rows = [(g, m) for g, metrics in results["base"].items() for m in metrics]
+    width = max(len(f"{g}/{m}") for g, m in rows)
+    head = "metric".ljust(width) + "".join(f"{n:>24}" for n in names) + f"{'SVP - base':>14}"
+    lines = [head, "-" * len(head)]
+    for g, m in rows:
+        values = [results[n].get(g, {}).get(m, float("nan")) for n in names]
+        delta = results["SVP"][g][m] - results["base"][g][m] if "SVP" in results else float("nan")
+        lines.append(f"{g}/{m}".ljust(width) + "".join(f"{v:>24.4f}" for v in values) + f"{delta:>+14.4f}")
+    return "\n".join(lines)
+
+
+def _timing_line(timings: dict[str, float]) -> str:
+    return "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+
+
+def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str, float]]], runs: dict[str, RunPublic],
+                      timings: dict[str, float], world_build: dict[str, object]) -> Path:
+    """``results.json``, ``metrics.png`` (headline metrics per model), ``scores.png`` (score histogram of
+    all vs selected candidates) and ``report.md`` under ``<artifact_root>/demo/<SVP run id>/``."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gateway.store import ImageResult
+
+    svp_run = runs["SVP"]
+    out = artifact_root / "demo" / svp_run.id
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({
+        "results": results, "timings": timings, "world": world_build,
+        "runs": {n: r.model_dump(mode="json") for n, r in runs.items()},
+    }, indent=1))
+
+    headline = [(g, m) for g, m in HEADLINE if g in results["base"]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(results)
+    for i, (name, values) in enumerate(results.items()):
+        ax.bar([x + i * width for x in range(len(headline))], [values[g][m] for g, m in headline], width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(headline))], [f"{g}\n{m}" for g, m in headline], fontsize=7)
+    ax.set_title("ShapesWorld held-out test scenes: base vs SVP")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=120)
+    plt.close(fig)
+
+    candidates_file = artifact_root / "runs" / svp_run.id / "round-1" / "candidates.jsonl"
+    records = [ImageResult.model_validate_json(line) for line in candidates_file.read_text().splitlines()]
+    every: list[float] = [c.score for r in records for c in r.candidates if c.score is not None]
+    chosen: list[float] = [s for r in records for s in (r.candidates[i].score for i in r.selected) if s is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist([every, chosen], bins=30, label=["all grounded samples", "selected"])
+    ax.set_xlabel(f"{svp_run.config.score} score")
+    ax.set_ylabel("samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "scores.png", dpi=120)
+    plt.close(fig)
+
+    c = svp_run.config
+    lines = [
+        f"# SVP demo on ShapesWorld (run {svp_run.id})", "",
+        f"One round over {svp_run.rounds[0].images_total} unlabelled images, K={c.k}, top ratio {c.top_ratio}, "
+        f"score {c.score}, preset {c.preset}, max_new_tokens {c.max_new_tokens}.", "",
+        "```", comparison_table(results), "```", "", _timing_line(timings), "",
+        "![metrics](metrics.png)", "", "![scores](scores.png)", "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
