@@ -10,12 +10,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.inner_loop import derive_seed
 from gateway.store import ImageResult
 from svp.client import GatewayClient, SamplerClient
-from svp.contract import ImageInput, RunCreate, RunPublic, SampleRequest, TrainingConfig
+from svp.contract import ImageInput, ISVPRequest, RunCreate, RunPublic, SampleRequest, TrainingConfig
 from svp.demo import stack_spec
 from svp.prompts import PAPER_PROMPTS
 from svp.stack import LocalStack
@@ -179,3 +180,53 @@ def test_gateway_restarted_mid_run_still_lists_the_run_which_completes(stack: Lo
     finished = wait_for(stack, run.id, succeeded)
     assert_each_image_once(stack, finished, 4)
     assert Path(stack.spec.artifact_root / "runs" / run.id / "report.md").is_file()
+
+
+def test_cancelled_run_stops_scheduling_and_says_so(stack: LocalStack) -> None:
+    run = create(stack, "first-8.txt")
+    wait_for(stack, run.id, images_done_at_least(1))
+    with client(stack) as c:
+        cancelled = c.cancel_run(run.id)
+        assert cancelled.state == "cancelled"
+        time.sleep(6)  # in-flight images may finish; nothing new starts and no training is scheduled
+        later = c.get_run(run.id)
+        events = [e.kind for e in c.run_events(run.id)]
+    assert later.state == "cancelled" and later.rounds[0].images_done < 8
+    assert later.rounds[0].training_job is None and "cancelled" in events and "training" not in events
+
+
+def test_ablation_runs_complete_without_grounding_or_scoring(stack: LocalStack) -> None:
+    with client(stack) as c:
+        no_feedback = c.create_run(RunCreate(images="first-4.txt", k=3, top_ratio=0.5, preset="tiny", training=TRAINING,
+                                             max_new_tokens=MAX_NEW_TOKENS, grounding=False, scoring=False))
+        no_scoring = c.create_run(RunCreate(images="first-4.txt", k=3, top_ratio=0.5, preset="tiny", training=TRAINING,
+                                            max_new_tokens=MAX_NEW_TOKENS, scoring=False))
+    plain, unscored = wait_for(stack, no_feedback.id, succeeded), wait_for(stack, no_scoring.id, succeeded)
+    # Self-captioning: the prior samples are the candidates; nothing is grounded or scored.
+    stages = plain.rounds[0].stages
+    assert (stages.prior_samples, stages.groundings, stages.grounded_samples, stages.scored) == (12, 0, 0, 0)
+    for x in candidates(stack, plain.id, 1):
+        assert [c.text for c in x.candidates] == x.prior and all(not c.boxes for c in x.candidates)
+    # Grounding without scoring: grounded samples, selected at random (seeded), never scored.
+    stages = unscored.rounds[0].stages
+    assert (stages.grounded_samples, stages.scored) == (12, 0) and stages.selected > 0
+    assert plain.rounds[0].adapter and unscored.rounds[0].adapter
+
+
+def test_isvp_caption_and_the_event_stream(stack: LocalStack, world: WorldArtifacts) -> None:
+    image = next((world.data_dirs["test"] / "images").glob("*.png")).read_bytes()
+    with client(stack) as c:
+        best = c.isvp_caption(ISVPRequest(image=ImageInput.from_bytes(image), n=3, seed=1, max_new_tokens=32))
+        single = c.isvp_caption(ISVPRequest(image=ImageInput.from_bytes(image), n=1, seed=1, max_new_tokens=32))
+        finished = c.cancel_run(create(stack, "first-4.txt").id)
+    assert best.candidates == 3 and best.score is not None and best.prior_caption
+    assert {"prior_s", "grounding_s", "grounded_s", "scoring_s"} <= set(best.timings)
+    assert single.candidates == 1 and single.score is None
+    # Same seed: the same prior caption and grounding whatever n is.
+    assert (single.prior_caption, single.boxes) == (best.prior_caption, best.boxes)
+    # The SSE stream of a finished run replays its events and ends.
+    with httpx.stream("GET", f"{stack.urls['gateway']}/svp/runs/{finished.id}/events", params={"stream": "true"},
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        data = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert data[0]["kind"] == "created" and data[-1]["kind"] == "cancelled"
