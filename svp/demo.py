@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
+def _quiet_http_logs() -> None:
+    """One INFO line per poll would bury the progress bars."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def follow_run(client: GatewayClient, run_id: str, poll_s: float = 1.0, timeout_s: float | None = None,
                progress: bool = True) -> RunPublic:
     """Poll a run until it ends: a progress bar per round's images, its events as lines above the bar."""
@@ -73,6 +78,7 @@ def run_command(
     follow: bool = typer.Option(True, help="Follow the run until it ends."),
 ) -> None:
     """Submit an SVP run to a gateway and follow it."""
+    _quiet_http_logs()
     request = RunCreate(images=images, k=k, top_ratio=top_ratio, score=score, iterations=iterations,  # type: ignore[arg-type]
                         preset=preset, max_new_tokens=max_new_tokens, grounding=grounding, scoring=scoring, seed=seed)
     with GatewayClient(gateway, api_key=api_key, timeout=60) as client:
@@ -152,8 +158,9 @@ def stack_spec(work_dir: Path, data_root: Path, artifact_root: Path, model: Path
             "grounder": grounder,
             "trainer": {},
         },
-        gateway_env={"SVP_GATEWAY_BASE_MODEL": str(model.resolve()), "SVP_GATEWAY_TRAINING_POLL_S": "2",
-                     "SVP_GATEWAY_ROUND_CHECK_S": "1"},
+        # The sampler reports its model by path (no served_model_name): runs may name only that one.
+        gateway_env={"SVP_GATEWAY_BASE_MODEL": str(model.resolve()), "SVP_GATEWAY_SERVED_MODELS": str(model.resolve()),
+                     "SVP_GATEWAY_TRAINING_POLL_S": "2", "SVP_GATEWAY_ROUND_CHECK_S": "1"},
         api_key=api_key,
         worker_concurrency=workers,
     )
@@ -187,6 +194,7 @@ def demo_command(
     workers: int = typer.Option(2, min=1, help="Worker threads (each image's requests are concurrent already)."),
 ) -> None:
     """One SVP round on ShapesWorld through the real REST API, then base vs adapted on held-out scenes."""
+    _quiet_http_logs()
     from svp.world.build import ensure_world
 
     started = time.perf_counter()
