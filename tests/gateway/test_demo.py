@@ -1,0 +1,38 @@
+"""``svp demo`` end to end on the seconds-scale ShapesWorld build: the stack starts, one round runs
+through the REST API, base and adapted models are evaluated, and the report, plots and table appear."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from svp.stack import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_one_round_and_reports_base_vs_svp(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "svp.cli", "demo", "--scale", "ci", "--world-root", str(tmp_path / "world"),
+         "--work-dir", str(work), "--images", "8", "--test-scenes", "8", "--k", "2", "--max-new-tokens", "32"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "SVP - base" in done.stdout and "objects/object_recall" in done.stdout
+    (report_dir,) = (work / "artifacts" / "demo").iterdir()
+    for name in ("report.md", "results.json", "metrics.png", "scores.png"):
+        assert (report_dir / name).stat().st_size > 0, name
+    results = json.loads((report_dir / "results.json").read_text())
+    assert set(results["results"]) == {"base", "SVP"}
+    assert set(results["results"]["base"]) == set(results["results"]["SVP"]) >= {"captioning", "objects", "counting"}
+    run = results["runs"]["SVP"]
+    assert run["state"] == "succeeded" and run["rounds"][0]["images_done"] == 8
+    assert run["rounds"][0]["adapter"] == f"run-{run['id']}-r1"
+    assert {"stack_start_s", "run_s[SVP]", "eval_s", "total_s"} <= set(results["timings"])
