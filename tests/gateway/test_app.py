@@ -122,8 +122,10 @@ def test_every_route_but_health_needs_the_api_key(gateway: Proc, headers: dict[s
         response = httpx.request(method, gateway.url + path, headers=headers, json=VALID)
         assert response.status_code == 401, (method, path, response.text)
         assert needle in response.json()["error"]["message"]
-    for path in ("/healthz", "/readyz", "/metrics"):
+    for path in ("/healthz", "/readyz", "/metrics", "/docs"):
         assert httpx.get(gateway.url + path).status_code == 200
+    paths = httpx.get(gateway.url + "/openapi.json").json()["paths"]
+    assert {"/svp/runs", "/svp/runs/{run_id}", "/svp/runs/{run_id}/cancel", "/isvp/caption", "/svp/uploads"} <= set(paths)
 
 
 def test_run_is_created_listed_cancelled_once(gateway: Proc, data_root: Path) -> None:
