@@ -23,7 +23,10 @@ import logging
 import threading
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import Any
 
+import httpx
+import redis
 from celery import Task, chord
 
 from gateway.artifacts import write_report, write_round_files
@@ -36,6 +39,7 @@ from svp.contract import ImageInput, TrainingJobCreate
 from svp.training.presets import get_preset
 
 log = logging.getLogger(__name__)
+
 
 @lru_cache(maxsize=1)
 def settings() -> Settings:
@@ -60,6 +64,25 @@ def clients() -> ServiceClients:
 app = make_celery(settings())
 
 
+class RunTask(Task):
+    """Base of the coordinator's tasks. Lost connections (to a service or to Redis) are retried with
+    exponential back-off by Celery's autoretry; a task that still fails fails its run with the
+    reason, so no run is left waiting on a task that will never come. ``process_image`` and
+    ``poll_training`` also retry 5xx replies themselves (they tell a 5xx from a 4xx)."""
+
+    autoretry_for = (httpx.TransportError, redis.ConnectionError, redis.TimeoutError)
+    retry_backoff = True
+    retry_backoff_max = settings().task_backoff_max_s
+    max_retries = settings().task_max_retries
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        run_id = args[0] if args else kwargs.get("run_id")
+        try:
+            _fail_run(run_id, f"{self.name} failed: {type(exc).__name__}: {exc}")
+        except Exception:  # Redis itself is gone: the log is all we have
+            log.exception("could not mark run %s failed", run_id)
+
+
 def _retry_countdown(task: Task) -> int:
     return int(min(settings().task_backoff_max_s, 2 ** task.request.retries))
 
@@ -72,7 +95,7 @@ def _fail_run(run_id: str, message: str) -> None:
 # ---------------------------------------------------------------- tasks
 
 
-@app.task(name=START_ROUND, bind=True, max_retries=None)
+@app.task(name=START_ROUND, bind=True, base=RunTask)
 def start_round(self: Task, run_id: str, round_: int) -> None:
     """Open round ``round_`` and fan its images out as a chord (once, however often delivered)."""
     s = store()
@@ -95,16 +118,17 @@ def start_round(self: Task, run_id: str, round_: int) -> None:
     s.add_event(run_id, "round", f"round {round_}: {total} images dispatched")
 
 
-@app.task(name=PROCESS_IMAGE, bind=True, max_retries=None)
+@app.task(name=PROCESS_IMAGE, bind=True, base=RunTask)
 def process_image(self: Task, run_id: str, round_: int, index: int) -> int:
     """The inner loop for one image; its result is stored once. Returns the image index."""
     s = store()
-    if s.state(run_id) in TERMINAL or s.has_result(run_id, round_, index):
-        return index
-    config = s.config(run_id)
-    path = s.image(run_id, index)
-    adapter = s.round_field(run_id, round_ - 1, "adapter") if round_ > 1 else None
+    path, adapter = "?", None
     try:
+        if s.state(run_id) in TERMINAL or s.has_result(run_id, round_, index):
+            return index
+        config = s.config(run_id)
+        path = s.image(run_id, index)
+        adapter = s.round_field(run_id, round_ - 1, "adapter") if round_ > 1 else None
         image = ImageInput.from_bytes((settings().data_root / path).read_bytes())
         params = SamplingParams.for_run(config, round_, index, adapter)
         result = InnerLoop(clients()).run_image(image, path, index, round_, params)
@@ -129,7 +153,7 @@ def process_image(self: Task, run_id: str, round_: int, index: int) -> int:
     return index
 
 
-@app.task(name=FINISH_ROUND, bind=True, max_retries=None)
+@app.task(name=FINISH_ROUND, bind=True, base=RunTask)
 def finish_round(self: Task, run_id: str, round_: int) -> None:
     """Chord callback: once every image has its result, write the round's files and start training."""
     s = store()
@@ -194,7 +218,7 @@ def adapter_name(run_id: str, round_: int) -> str:
     return f"run-{run_id}-r{round_}"
 
 
-@app.task(name=POLL_TRAINING, bind=True, max_retries=None)
+@app.task(name=POLL_TRAINING, bind=True, base=RunTask)
 def poll_training(self: Task, run_id: str, round_: int) -> None:
     """Look at the round's trainer job; re-schedule while it runs; on success load the adapter and go on."""
     s = store()

@@ -19,6 +19,7 @@ from functools import partial
 from typing import TypeVar
 
 import httpx
+import redis
 
 from gateway.settings import Settings
 from gateway.store import GroundedCandidate, ImageResult
@@ -56,8 +57,9 @@ def derive_seed(*parts: object) -> int:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: the service was unreachable or answered 5xx (after the client's own retries)."""
-    if isinstance(exc, httpx.TransportError):
+    """Worth retrying: a service (or Redis) was unreachable, or a service answered 5xx after the
+    client's own retries."""
+    if isinstance(exc, httpx.TransportError | redis.ConnectionError | redis.TimeoutError):
         return True
     return isinstance(exc, APIError) and exc.status >= 500
 

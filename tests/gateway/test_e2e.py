@@ -229,4 +229,4 @@ def test_isvp_caption_and_the_event_stream(stack: LocalStack, world: WorldArtifa
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         data = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
-    assert data[0]["kind"] == "created" and data[-1]["kind"] == "cancelled"
+    assert data[0]["kind"] == "created" and "cancelled" in [d["kind"] for d in data]
