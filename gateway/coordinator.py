@@ -19,6 +19,7 @@ Redis chord counter) and re-schedules itself until every image of the round has 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from datetime import UTC, datetime
@@ -225,12 +226,15 @@ def poll_training(self: Task, run_id: str, round_: int) -> None:
     job_id = s.round_field(run_id, round_, "training_job")
     assert job_id is not None
     trainer = clients().trainer
-    try:
-        if s.state(run_id) == "cancelled":
+    state = s.state(run_id)
+    if state == "cancelled":
+        with contextlib.suppress(APIError):  # the gateway may have cancelled the job already (409)
             trainer.cancel_job(job_id)
-            return
-        if s.state(run_id) in TERMINAL:
-            return
+        s.add_event(run_id, "cancelled", f"round {round_}: trainer job {job_id} cancelled")
+        return
+    if state in TERMINAL:
+        return
+    try:
         job = trainer.get_job(job_id)
         if job.state in ("queued", "running"):
             s.set_round_fields(run_id, round_, training_step=str(job.progress.step),
