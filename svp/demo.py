@@ -191,7 +191,7 @@ def demo_command(
     test_scenes: int = typer.Option(DEMO_TEST_SCENES, min=1, help="Held-out test scenes evaluated."),
     eval_tasks: str = typer.Option("caption,pope,count", help="svp.evaluation world tasks, comma-separated."),
     ablations: bool = typer.Option(False, help="Also run the paper's Table 6 rows (no feedback; no scoring)."),
-    workers: int = typer.Option(2, min=1, help="Worker threads (each image's requests are concurrent already)."),
+    workers: int = typer.Option(4, min=1, help="Images in flight (the services batch their concurrent requests)."),
 ) -> None:
     """One SVP round on ShapesWorld through the real REST API, then base vs adapted on held-out scenes."""
     _quiet_http_logs()
