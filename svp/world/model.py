@@ -20,7 +20,9 @@ Recipe, on the ``train`` split only:
      circle" or "red circle"), ground-truth box with a little jitter — but often partial (a
      random subset, sometimes empty), as when a detector grounds a prior caption: what is boxed
      is certain, what is not must still be seen. Nothing boxed is ever absent from the answer
-     and nothing absent is ever boxed, so the model learns that grounding can be trusted;
+     and nothing absent is ever boxed, so the model learns that grounding can be trusted; in a
+     share of these examples the boxed objects are erased from the image, so what is said about
+     them can only come from the context (a detector finding what the model does not see);
    - ``pope`` / ``count`` / ``reg``: the probe questions (user turn only, no system prompt, as
      LLaVA's instruction data and :mod:`svp.training` render VQ pairs) -> short answers.
 
@@ -52,7 +54,7 @@ from svp.models.tokenizer import build_word_tokenizer
 from svp.prompts import PAPER_PROMPTS, build_messages
 from svp.world.language import canonical_caption, domain_words, region_expression
 from svp.world.probes import POPE_STRATEGIES, count_questions, pope_questions, region_question
-from svp.world.scenes import COLOURS, GRID, IMAGE_SIZE, SHAPES, SIZES, Scene, generate_scenes
+from svp.world.scenes import COLOURS, GRID, IMAGE_SIZE, SHAPES, SIZES, Scene, SceneObject, generate_scenes
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +69,21 @@ class WorldModelConfig:
 
     train_scenes: int = 6000
     """Scenes of the ``train`` split the model learns from (indices 0..n-1)."""
-    vision_steps: int = 300
+    vision_steps: int = 500
     """Stage 1: vision-tower pre-training steps."""
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
-    steps: int = 900
+    steps: int = 1300
     """Stage 2: instruction-tuning steps (projector + decoder)."""
+    time_budget_s: float | None = 1080.0
+    """Stage 2 stops after this many seconds (the schedule follows time when it runs ahead of steps)."""
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     task_weights: tuple[tuple[str, float], ...] = (
-        ("base", 0.40),
-        ("grounded", 0.35),
+        ("base", 0.30),
+        ("grounded", 0.45),
         ("pope", 0.13),
         ("count", 0.06),
         ("reg", 0.06),
@@ -104,6 +108,9 @@ class WorldModelConfig:
     """:class:`svp.models.tiny.TinySizes` overrides."""
     bf16: bool = True
     """bfloat16 autocast for the decoder's matmuls (float32 weights and optimiser): ~1.5x faster on CPU."""
+    hidden_boxed_ratio: float = 0.2
+    """Share of grounded examples whose boxed objects are erased from the image: what is said about
+    them can only come from the context, as when a detector finds what the model does not see."""
     threads: int = 1
     """torch threads; on a shared 2-core machine one thread is faster than two."""
     seed: int = 0
@@ -195,8 +202,9 @@ def pixel_tensor(images: list[Image.Image] | np.ndarray, processor: Any) -> torc
 # ---------------------------------------------------------------- training examples
 
 
-def training_grounding(scene: Scene, rng: np.random.Generator) -> list[Box]:
-    """A true, often partial grounding of a scene, as a detector gives for a prior caption."""
+def training_grounding(scene: Scene, rng: np.random.Generator) -> list[tuple[SceneObject, Box]]:
+    """A true, often partial grounding of a scene, as a detector gives for a prior caption:
+    the boxed objects with their boxes."""
     objects = list(scene.objects)
     draw = rng.random()
     if draw < 0.45:
@@ -205,7 +213,7 @@ def training_grounding(scene: Scene, rng: np.random.Generator) -> list[Box]:
         chosen = [o for o in objects if rng.random() < 0.5]
     else:
         chosen = []
-    boxes = []
+    boxes: list[tuple[SceneObject, Box]] = []
     for o in chosen:
         label = o.phrase if rng.random() < 0.7 else o.kind
         xyxy = np.array(o.box)
@@ -213,12 +221,20 @@ def training_grounding(scene: Scene, rng: np.random.Generator) -> list[Box]:
             xyxy = np.clip(xyxy + rng.uniform(-0.02, 0.02, size=4), 0.0, 1.0)
             xyxy = np.array([min(xyxy[0], xyxy[2]), min(xyxy[1], xyxy[3]), max(xyxy[0], xyxy[2]), max(xyxy[1], xyxy[3])])
         x1, y1, x2, y2 = (float(c) for c in xyxy)
-        boxes.append(Box(label=label, xyxy=(x1, y1, x2, y2), score=1.0))
+        boxes.append((o, Box(label=label, xyxy=(x1, y1, x2, y2), score=1.0)))
     return boxes
 
 
+@dataclass(frozen=True)
+class Example:
+    image: int | torch.Tensor
+    """Index into the cached train pixels, or the pixels [3, H, W] of an edited scene."""
+    prompt: list[int]
+    answer: list[int]
+
+
 class ExampleSampler:
-    """Draws (scene index, prompt ids, answer ids) training examples from the task mix."""
+    """Draws training examples from the task mix."""
 
     def __init__(self, scenes: list[Scene], encoder: PromptEncoder, config: WorldModelConfig):
         self.scenes = scenes
@@ -230,36 +246,42 @@ class ExampleSampler:
         self.pope = {s: pope_questions(scenes, s, seed=config.seed) for s in POPE_STRATEGIES}
         self.counts = count_questions(scenes, seed=config.seed)
         self.index = {s.scene_id: i for i, s in enumerate(scenes)}
+        self.hidden_boxed_ratio = config.hidden_boxed_ratio
 
-    def sample(self) -> tuple[int, list[int], list[int]]:
+    def _grounded(self, i: int) -> Example:
+        scene = self.scenes[i]
+        grounding = training_grounding(scene, self.rng)
+        image: int | torch.Tensor = i
+        if grounding and self.rng.random() < self.hidden_boxed_ratio:
+            boxed = {id(o) for o, _ in grounding}
+            visible = tuple(o for o in scene.objects if id(o) not in boxed)
+            edited = dataclasses.replace(scene, objects=visible, relations=())
+            image = pixel_tensor([edited.render()], self.encoder.processor)[0]
+        context = render_context([b for _, b in grounding])
+        return Example(image, self.encoder.prompt_ids(build_messages("grounded", context)),
+                       self.encoder.answer_ids(canonical_caption(scene.objects)))
+
+    def sample(self) -> Example:
         task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.weights))]
         if task in ("base", "grounded", "reg"):
             i = int(self.rng.integers(len(self.scenes)))
             scene = self.scenes[i]
             if task == "base":
-                return i, self.encoder.prompt_ids(build_messages("base")), self.encoder.answer_ids(
-                    canonical_caption(scene.objects)
-                )
+                return Example(i, self.encoder.prompt_ids(build_messages("base")),
+                               self.encoder.answer_ids(canonical_caption(scene.objects)))
             if task == "grounded":
-                context = render_context(training_grounding(scene, self.rng))
-                return i, self.encoder.prompt_ids(build_messages("grounded", context)), self.encoder.answer_ids(
-                    canonical_caption(scene.objects)
-                )
+                return self._grounded(i)
             obj = scene.objects[int(self.rng.integers(len(scene.objects)))]
-            return i, self.encoder.prompt_ids(question_messages(region_question(obj.box))), self.encoder.answer_ids(
-                region_expression(obj)
-            )
+            return Example(i, self.encoder.prompt_ids(question_messages(region_question(obj.box))),
+                           self.encoder.answer_ids(region_expression(obj)))
         if task == "pope":
             strategy = POPE_STRATEGIES[int(self.rng.integers(len(POPE_STRATEGIES)))]
             q = self.pope[strategy][int(self.rng.integers(len(self.pope[strategy])))]
-            answer = q.answer.capitalize()
-            return self.index[q.scene_id], self.encoder.prompt_ids(question_messages(q.question)), self.encoder.answer_ids(
-                answer
-            )
+            return Example(self.index[q.scene_id], self.encoder.prompt_ids(question_messages(q.question)),
+                           self.encoder.answer_ids(q.answer.capitalize()))
         c = self.counts[int(self.rng.integers(len(self.counts)))]
-        return self.index[c.scene_id], self.encoder.prompt_ids(question_messages(c.question)), self.encoder.answer_ids(
-            c.answer
-        )
+        return Example(self.index[c.scene_id], self.encoder.prompt_ids(question_messages(c.question)),
+                       self.encoder.answer_ids(c.answer))
 
 
 def prefix_length(prompt: list[int], image_token_id: int) -> int:
@@ -269,7 +291,7 @@ def prefix_length(prompt: list[int], image_token_id: int) -> int:
 
 def answer_loss(
     model: LlavaForConditionalGeneration,
-    examples: list[tuple[int, list[int], list[int]]],
+    examples: list[Example],
     pixels: torch.Tensor,
     pad_id: int,
     image_token_id: int,
@@ -281,30 +303,30 @@ def answer_loss(
     up to 160 tokens of Appendix F system prompt — is run once, its key/value cache repeated over
     the group (gradients flow through it), instead of once per example.
     """
-    groups: dict[tuple[int, ...], list[tuple[int, list[int], list[int]]]] = {}
+    groups: dict[tuple[int, ...], list[Example]] = {}
     for ex in examples:
-        groups.setdefault(tuple(ex[1][: prefix_length(ex[1], image_token_id)]), []).append(ex)
+        groups.setdefault(tuple(ex.prompt[: prefix_length(ex.prompt, image_token_id)]), []).append(ex)
     total = torch.zeros(())
     n_tokens = 0
     for prefix, group in groups.items():
         rows, p = len(group), len(prefix)
         cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
         cache.batch_repeat_interleave(rows)
-        rests = [prompt[p:] + answer for _, prompt, answer in group]
+        rests = [ex.prompt[p:] + ex.answer for ex in group]
         width = max(len(r) for r in rests)
         input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
         labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
         attention = torch.zeros((rows, p + width), dtype=torch.long)
         attention[:, :p] = 1
-        for r, ((_, prompt, answer), rest) in enumerate(zip(group, rests, strict=True)):
+        for r, (ex, rest) in enumerate(zip(group, rests, strict=True)):
             input_ids[r, : len(rest)] = torch.tensor(rest)
-            labels[r, len(prompt) - p : len(rest)] = torch.tensor(answer)
+            labels[r, len(ex.prompt) - p : len(rest)] = torch.tensor(ex.answer)
             attention[r, p : p + len(rest)] = 1
         logits = model(
             input_ids=input_ids,
             attention_mask=attention,
             position_ids=torch.arange(p, p + width).expand(rows, width),
-            pixel_values=pixels[[i for i, _, _ in group]],
+            pixel_values=torch.stack([pixels[ex.image] if isinstance(ex.image, int) else ex.image for ex in group]),
             past_key_values=cache,
             use_cache=True,
         ).logits
@@ -362,29 +384,42 @@ def pretrain_vision(
     return loss_value
 
 
-def _lr_factor(step: int, config: WorldModelConfig) -> float:
+def lr_factor(progress: float, step: int, config: WorldModelConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from 1 to 0.1 as ``progress`` goes 0 -> 1."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def instruction_tune(
     model: LlavaForConditionalGeneration, pixels: torch.Tensor, sampler: ExampleSampler, pad_id: int,
     config: WorldModelConfig, progress: bool = True,
-) -> float:
-    """Stage 2 (vision tower frozen); returns the mean loss of the last 20 steps."""
+) -> tuple[float, int]:
+    """Stage 2 (vision tower frozen); returns the mean loss of the last 20 steps and the steps run.
+
+    With ``time_budget_s`` the schedule follows whichever is further along, steps or time, and
+    training stops when the budget is spent: the same recipe, shortened on a busier machine.
+    """
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
     model.train()
     model.model.vision_tower.eval()
     recent: list[float] = []
     image_token_id = int(model.config.image_token_id)
-    bar = tqdm(range(config.steps), desc="instruction tuning", disable=not progress)
-    for _ in bar:
+    start = time.perf_counter()
+    step = 0
+    bar = tqdm(total=config.steps, desc="instruction tuning", disable=not progress)
+    while step < config.steps:
+        elapsed = time.perf_counter() - start
+        if config.time_budget_s is not None and elapsed >= config.time_budget_s:
+            log.warning("instruction tuning stopped by its time budget after %d of %d steps", step, config.steps)
+            break
+        done = max((step - config.warmup_steps) / max(1, config.steps - config.warmup_steps),
+                   elapsed / config.time_budget_s if config.time_budget_s else 0.0)
+        for group in opt.param_groups:
+            group["lr"] = config.lr * lr_factor(done, step, config)
         examples = [sampler.sample() for _ in range(config.batch_size)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             total, n_tokens = answer_loss(model, examples, pixels, pad_id, image_token_id)
@@ -393,13 +428,15 @@ def instruction_tune(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
+        step += 1
         recent = (recent + [float(loss.detach())])[-20:]
+        bar.update(1)
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    bar.close()
     model.eval()
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(True)
-    return sum(recent) / max(1, len(recent))
+    return sum(recent) / max(1, len(recent)), step
 
 
 @dataclass
@@ -407,6 +444,7 @@ class TrainReport:
     parameters: int
     vision_loss: float
     loss: float
+    steps: int
     vision_seconds: float
     tuning_seconds: float
     config: dict[str, Any]
@@ -434,7 +472,7 @@ def train_world_vlm(out_dir: str | Path, config: WorldModelConfig, progress: boo
         vision_loss = pretrain_vision(model, pixels, cell_targets(scenes), config, progress)
         t1 = time.perf_counter()
         sampler = ExampleSampler(scenes, PromptEncoder(processor), config)
-        loss = instruction_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config, progress)
+        loss, steps = instruction_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config, progress)
         t2 = time.perf_counter()
     finally:
         torch.set_num_threads(previous_threads)
@@ -443,6 +481,7 @@ def train_world_vlm(out_dir: str | Path, config: WorldModelConfig, progress: boo
         parameters=sum(p.numel() for p in model.parameters()),
         vision_loss=vision_loss,
         loss=loss,
+        steps=steps,
         vision_seconds=t1 - t0,
         tuning_seconds=t2 - t1,
         config=config.to_json(),

@@ -36,6 +36,9 @@ CELL = IMAGE_SIZE // GRID
 # Free pixels between an object and its cell border: objects in neighbouring cells are >= 2*margin apart.
 CELL_MARGIN = 2
 MAX_OBJECTS = 4
+# Pixels an object may sit off its cell's centre. A CLIP patch embedding is linear in the pixels, so
+# shapes anywhere in a cell would be far harder to tell apart than colours for a small vision tower.
+POSITION_JITTER = 3
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -163,6 +166,11 @@ def _shape_mask(shape: str, side: int) -> np.ndarray:
     return np.asarray(img) > 127
 
 
+def _offset(side: int, jitter: int) -> int:
+    """Offset of a footprint inside its cell: centred, moved by ``jitter``, kept ``CELL_MARGIN`` from the border."""
+    return min(max((CELL - side) // 2 + jitter, CELL_MARGIN), CELL - CELL_MARGIN - side)
+
+
 def _relations(objects: tuple[SceneObject, ...]) -> tuple[Relation, ...]:
     rels: list[Relation] = []
     for i, a in enumerate(objects):
@@ -194,9 +202,8 @@ def generate_scene(split: str, index: int, world_seed: int = 0) -> Scene:
         size = SIZES[int(rng.integers(len(SIZES)))]
         lo, hi = SIZE_PIXELS[size]
         side = int(rng.integers(lo, hi + 1))
-        room = CELL - 2 * CELL_MARGIN - side
-        x0 = col * CELL + CELL_MARGIN + int(rng.integers(0, room + 1))
-        y0 = row * CELL + CELL_MARGIN + int(rng.integers(0, room + 1))
+        x0 = col * CELL + _offset(side, int(rng.integers(-POSITION_JITTER, POSITION_JITTER + 1)))
+        y0 = row * CELL + _offset(side, int(rng.integers(-POSITION_JITTER, POSITION_JITTER + 1)))
         mask = _shape_mask(shape, side)
         ys, xs = np.nonzero(mask)
         box = (
