@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from svp.cli import app
 from svp.evaluation.generation import question_inputs
-from svp.evaluation.suite import EvalOptions, evaluate_world
+from svp.evaluation.suite import EvalOptions, evaluate_coco, evaluate_world
 from svp.models.loading import load_vlm
 from svp.prompts import build_messages
 from svp.world.build import ensure_world
@@ -141,3 +141,11 @@ def test_cli_eval_and_export(world, tmp_path):
     assert res.exit_code == 0 and (tmp_path / "exp" / "manifest.txt").is_file()
     res = runner.invoke(app, ["world", "export", "validation", "3", str(tmp_path / "bad")])
     assert res.exit_code != 0
+
+
+def test_real_data_path_scores_a_coco_reference_file(world, vlm):
+    test_dir = world.data_dirs["test"]
+    results, texts = evaluate_coco(vlm, test_dir / "captions_coco.json", test_dir, n_images=2,
+                                   instances_file=test_dir / "instances_coco.json", options=FAST)
+    assert set(results) == {"captioning", "objects"} and len(texts["caption"]) == 2
+    assert 0.0 <= results["objects"]["hallucination_rate"] <= 1.0
