@@ -40,7 +40,7 @@ def premise_check(
     contexts = []
     n_boxes = 0
     for image, prior in zip(images, priors, strict=True):
-        phrases = extract_phrases(prior, use_spacy=False)
+        phrases = extract_phrases(prior)
         boxes = nms(detector.detect(image, phrases), NMS_IOU) if phrases else []
         n_boxes += len(boxes)
         contexts.append(render_context(boxes))
