@@ -49,7 +49,8 @@ def gateway_env(redis_url: str, data_root: Path, artifact_root: Path, **extra: s
         "SVP_GATEWAY_DATA_ROOT": str(data_root),
         "SVP_GATEWAY_ARTIFACT_ROOT": str(artifact_root),
         "SVP_GATEWAY_API_KEYS": API_KEY,
-        "SVP_GATEWAY_ALLOWED_URL_HOSTS": ALLOWED_HOST,
+        # 127.0.0.1: the test's own image server (tests only; production lists real image hosts).
+        "SVP_GATEWAY_ALLOWED_URL_HOSTS": f"{ALLOWED_HOST},127.0.0.1",
         "SVP_GATEWAY_ENVIRONMENT": "production",
         **extra,
     }

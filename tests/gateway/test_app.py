@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ from PIL import Image
 from svp.client import APIError, GatewayClient
 from svp.contract import ISVPRequest, RunCreate
 from tests.gateway.conftest import ALLOWED_HOST, API_KEY
-from tests.procs import Proc
+from tests.procs import Proc, free_port
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 VALID = {"images": "scenes", "k": 4, "top_ratio": 0.5, "preset": "tiny"}
@@ -167,3 +170,33 @@ def test_isvp_without_services_is_a_clear_503(gateway: Proc) -> None:
         with pytest.raises(APIError) as err:
             client.isvp_caption(ISVPRequest.model_validate({"image": {"data_b64": base64.b64encode(png_bytes()).decode()}}))
     assert err.value.status == 503 and "unreachable" in str(err.value)
+
+
+def test_images_fetched_from_an_allowed_url_host(gateway: Proc, data_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "cat.png").write_bytes(png_bytes())
+    (tmp_path / "notes.txt").write_text("hello")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(base, timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        with GatewayClient(gateway.url, api_key=API_KEY, retries=0) as client:
+            created = client.create_run(RunCreate(images=f"{base}/cat.png", k=1, top_ratio=1.0, preset="tiny"))
+            client.cancel_run(created.id)
+            for url, status in [(f"{base}/notes.txt", 400), (f"{base}/missing.png", 400)]:
+                with pytest.raises(APIError) as err:
+                    client.create_run(RunCreate(images=url, k=1, top_ratio=1.0, preset="tiny"))
+                assert err.value.status == status
+    finally:
+        server.terminate()
+        server.wait(10)
+    (fetched,) = (data_root / "uploads" / created.id).iterdir()
+    assert fetched.read_bytes() == png_bytes()
