@@ -215,6 +215,7 @@ def demo_command(
         variants = {"w/o feedback": {"grounding": False, "scoring": False},
                     "grounding, no scoring": {"grounding": True, "scoring": False}, **variants}
     stack = LocalStack(stack_spec(work_dir / "stack", data_root, artifact_root, world.model_dir, api_key, workers))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so `finally` stops the stack's processes
     t0 = time.perf_counter()
     runs: dict[str, RunPublic] = {}
     start_stack(stack)
@@ -242,6 +243,10 @@ def demo_command(
     report = write_demo_report(artifact_root, results, runs, timings, world.build)
     typer.echo("\n" + comparison_table(results))
     typer.echo(f"\n{_timing_line(timings)}\nreport: {report}")
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _fail(message: str) -> int:
