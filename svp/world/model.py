@@ -59,8 +59,6 @@ from svp.world.scenes import COLOURS, GRID, IMAGE_SIZE, SHAPES, SIZES, Scene, Sc
 log = logging.getLogger(__name__)
 
 CHAT_FORMAT = "llava_v1"
-# Norm of each attribute's code vector in the vision features (see pretrain_vision).
-CODE_NORM = 8.0
 TASKS = ("base", "grounded", "pope", "count", "reg")
 IGNORE_INDEX = -100
 
@@ -110,7 +108,7 @@ class WorldModelConfig:
     """:class:`svp.models.tiny.TinySizes` overrides."""
     bf16: bool = True
     """bfloat16 autocast for the decoder's matmuls (float32 weights and optimiser): ~1.5x faster on CPU."""
-    hidden_boxed_ratio: float = 0.35
+    hidden_boxed_ratio: float = 0.2
     """Share of grounded examples whose boxed objects are erased from the image: what is said about
     them can only come from the context, as when a detector finds what the model does not see."""
     threads: int = 1
@@ -359,18 +357,10 @@ def pretrain_vision(
     model: LlavaForConditionalGeneration, pixels: torch.Tensor, targets: torch.Tensor, config: WorldModelConfig,
     progress: bool = True,
 ) -> float:
-    """Stage 1; returns the last loss. Linear heads read the features the projector will see
-    (layer -2, no CLS) and classify each cell's object; the features are also pulled towards a
-    fixed code of the cell's attributes — one random vector per value, all of the same norm — so
-    shape, which barely moves a linear patch embedding, becomes as salient in them as colour,
-    which moves it a lot (a decoder learns high-variance directions of its input first)."""
+    """Stage 1; returns the last loss. Heads read the features the projector will see (layer -2, no CLS)."""
     tower = model.model.vision_tower
     hidden = tower.config.hidden_size
-    counts = (2, len(SHAPES), len(COLOURS), len(SIZES))
-    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in counts])
-    code_gen = torch.Generator().manual_seed(config.seed + 3)
-    codes = [torch.nn.functional.normalize(torch.randn(n, hidden, generator=code_gen), dim=-1) * CODE_NORM
-             for n in counts]
+    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in (2, len(SHAPES), len(COLOURS), len(SIZES))])
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=config.vision_lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
@@ -385,10 +375,6 @@ def pretrain_vision(
                                               ignore_index=IGNORE_INDEX)
             for k, head in enumerate(heads)
         ]
-        t = targets[idx]
-        code = sum((codes[k][t[..., k].clamp(min=0)] * (t[..., k] >= 0)[..., None] for k in range(len(counts))),
-                   torch.zeros_like(feats))
-        losses.append((feats - code).pow(2).mean() / CODE_NORM**2 * hidden)
         loss = torch.stack(losses).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
