@@ -23,15 +23,7 @@ def question_inputs(vlm: LoadedVLM, image: Image.Image, question: str) -> Prompt
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
     ]
     text = str(vlm.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    bos = vlm.tokenizer.bos_token
-    encoded = vlm.processor(images=image, text=text, return_tensors="pt",
-                            add_special_tokens=not (bos is not None and text.startswith(bos)))
-    vision = {
-        k: (v.to(vlm.device, vlm.dtype) if torch.is_floating_point(v) else v.to(vlm.device))
-        for k, v in encoded.items()
-        if k not in ("input_ids", "attention_mask")
-    }
-    return PromptInputs(input_ids=encoded["input_ids"][0].to(vlm.device), vision=vision)
+    return vlm.text_inputs(image, text)
 
 
 @torch.inference_mode()

@@ -213,7 +213,10 @@ class LoadedVLM:
 
     def prompt_inputs(self, image: Image.Image, kind: PromptKind, context: str = "") -> PromptInputs:
         """Tokenise the rendered prompt with ``image``: the processor expands the image placeholder."""
-        text = self.render_prompt(kind, context)
+        return self.text_inputs(image, self.render_prompt(kind, context))
+
+    def text_inputs(self, image: Image.Image, text: str) -> PromptInputs:
+        """Tokenise an already rendered chat ``text`` with ``image`` (any conversation, e.g. a probe question)."""
         bos = self.tokenizer.bos_token
         # Like the processor's own apply_chat_template: no second BOS when the template wrote one.
         add_special = not (bos is not None and text.startswith(bos))
