@@ -20,9 +20,11 @@ Recipe, on the ``train`` split only:
      circle" or "red circle"), ground-truth box with a little jitter — but often partial (a
      random subset, sometimes empty), as when a detector grounds a prior caption: what is boxed
      is certain, what is not must still be seen. Nothing boxed is ever absent from the answer
-     and nothing absent is ever boxed, so the model learns that grounding can be trusted; in a
-     share of these examples the boxed objects are erased from the image, so what is said about
-     them can only come from the context (a detector finding what the model does not see);
+     and nothing absent is ever boxed, so the model learns that grounding can be trusted. In a
+     share of these examples the boxed objects are blurred in the image (place, rough size and
+     colour still visible, outline not), so their shape can only be read from the context — a
+     detector naming what the model cannot make out. Without them the model, which reads clean
+     shapes well, never needs the context and learns to ignore it;
    - ``pope`` / ``count`` / ``reg``: the probe questions (user turn only, no system prompt, as
      LLaVA's instruction data and :mod:`svp.training` render VQ pairs) -> short answers.
 
@@ -44,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from tqdm import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -54,7 +57,7 @@ from svp.models.tokenizer import build_word_tokenizer
 from svp.prompts import PAPER_PROMPTS, build_messages
 from svp.world.language import canonical_caption, domain_words, region_expression
 from svp.world.probes import POPE_STRATEGIES, count_questions, pope_questions, region_question
-from svp.world.scenes import COLOURS, GRID, IMAGE_SIZE, SHAPES, SIZES, Scene, SceneObject, generate_scenes
+from svp.world.scenes import CELL, COLOURS, GRID, IMAGE_SIZE, SHAPES, SIZES, Scene, SceneObject, generate_scenes
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +72,13 @@ class WorldModelConfig:
 
     train_scenes: int = 6000
     """Scenes of the ``train`` split the model learns from (indices 0..n-1)."""
-    vision_steps: int = 500
+    vision_steps: int = 2000
     """Stage 1: vision-tower pre-training steps."""
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
-    steps: int = 1300
+    steps: int = 1400
     """Stage 2: instruction-tuning steps (projector + decoder)."""
-    time_budget_s: float | None = 1080.0
+    time_budget_s: float | None = 1000.0
     """Stage 2 stops after this many seconds (the schedule follows time when it runs ahead of steps)."""
     batch_size: int = 32
     lr: float = 1.5e-3
@@ -108,9 +111,11 @@ class WorldModelConfig:
     """:class:`svp.models.tiny.TinySizes` overrides."""
     bf16: bool = True
     """bfloat16 autocast for the decoder's matmuls (float32 weights and optimiser): ~1.5x faster on CPU."""
-    hidden_boxed_ratio: float = 0.2
-    """Share of grounded examples whose boxed objects are erased from the image: what is said about
-    them can only come from the context, as when a detector finds what the model does not see."""
+    full_context_share: float = 0.45
+    """Share of grounded examples with every object boxed (the rest: a random subset, a few none)."""
+    obscured_boxed_ratio: float = 0.5
+    """Share of grounded examples whose boxed objects keep colour, size and place in the image but
+    lose their outline (a dithered patch): the shape can only be read from the context."""
     threads: int = 1
     """torch threads; on a shared 2-core machine one thread is faster than two."""
     seed: int = 0
@@ -202,14 +207,14 @@ def pixel_tensor(images: list[Image.Image] | np.ndarray, processor: Any) -> torc
 # ---------------------------------------------------------------- training examples
 
 
-def training_grounding(scene: Scene, rng: np.random.Generator) -> list[tuple[SceneObject, Box]]:
+def training_grounding(scene: Scene, rng: np.random.Generator, full_share: float) -> list[tuple[SceneObject, Box]]:
     """A true, often partial grounding of a scene, as a detector gives for a prior caption:
     the boxed objects with their boxes."""
     objects = list(scene.objects)
     draw = rng.random()
-    if draw < 0.45:
+    if draw < full_share:
         chosen = objects
-    elif draw < 0.92:
+    elif draw < full_share + 0.85 * (1 - full_share):
         chosen = [o for o in objects if rng.random() < 0.5]
     else:
         chosen = []
@@ -223,6 +228,18 @@ def training_grounding(scene: Scene, rng: np.random.Generator) -> list[tuple[Sce
         x1, y1, x2, y2 = (float(c) for c in xyxy)
         boxes.append((o, Box(label=label, xyxy=(x1, y1, x2, y2), score=1.0)))
     return boxes
+
+
+def obscure_shapes(scene: Scene, objects: list[SceneObject]) -> np.ndarray:
+    """The scene's pixels [H, W, 3] with each of ``objects`` blurred over its cell: where it is,
+    roughly how large and what colour stay visible, its outline does not (a thing too small or
+    blurry for the model to make out, that a detector still names)."""
+    pixels = np.asarray(scene.render(), dtype=np.float64).copy()
+    for o in objects:
+        row, col = o.cell
+        cell = pixels[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
+        cell[:] = ndimage.gaussian_filter(cell, sigma=(o.side / 3, o.side / 3, 0), mode="nearest")
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -246,17 +263,16 @@ class ExampleSampler:
         self.pope = {s: pope_questions(scenes, s, seed=config.seed) for s in POPE_STRATEGIES}
         self.counts = count_questions(scenes, seed=config.seed)
         self.index = {s.scene_id: i for i, s in enumerate(scenes)}
-        self.hidden_boxed_ratio = config.hidden_boxed_ratio
+        self.obscured_boxed_ratio = config.obscured_boxed_ratio
+        self.full_context_share = config.full_context_share
 
     def _grounded(self, i: int) -> Example:
         scene = self.scenes[i]
-        grounding = training_grounding(scene, self.rng)
+        grounding = training_grounding(scene, self.rng, self.full_context_share)
         image: int | torch.Tensor = i
-        if grounding and self.rng.random() < self.hidden_boxed_ratio:
-            boxed = {id(o) for o, _ in grounding}
-            visible = tuple(o for o in scene.objects if id(o) not in boxed)
-            edited = dataclasses.replace(scene, objects=visible, relations=())
-            image = pixel_tensor([edited.render()], self.encoder.processor)[0]
+        if grounding and self.rng.random() < self.obscured_boxed_ratio:
+            image = pixel_tensor(obscure_shapes(scene, [o for o, _ in grounding])[None],
+                                 self.encoder.processor)[0]
         context = render_context([b for _, b in grounding])
         return Example(image, self.encoder.prompt_ids(build_messages("grounded", context)),
                        self.encoder.answer_ids(canonical_caption(scene.objects)))

@@ -19,6 +19,7 @@ from svp.world.model import (
     PromptEncoder,
     WorldModelConfig,
     answer_loss,
+    obscure_shapes,
     pixel_tensor,
     question_messages,
     training_grounding,
@@ -70,7 +71,7 @@ def test_training_inputs_are_what_inference_builds(vlm):
 def test_shared_prefix_loss_equals_plain_forward(vlm):
     scenes = generate_scenes("train", 20)
     encoder = PromptEncoder(vlm.processor)
-    sampler = ExampleSampler(scenes, encoder, dataclasses.replace(WorldModelConfig.ci(), hidden_boxed_ratio=0.5))
+    sampler = ExampleSampler(scenes, encoder, dataclasses.replace(WorldModelConfig.ci(), obscured_boxed_ratio=1.0))
     examples = [sampler.sample() for _ in range(16)]
     # the mix holds every prompt family, and some grounded examples come with an edited image
     assert any(not isinstance(e.image, int) for e in examples)
@@ -103,13 +104,41 @@ def test_training_groundings_are_true():
     rng = np.random.default_rng(0)
     sizes = set()
     for scene in generate_scenes("train", 50):
-        grounding = training_grounding(scene, rng)
+        grounding = training_grounding(scene, rng, full_share=0.45)
         sizes.add(len(grounding) / len(scene.objects))
         for obj, box in grounding:
             assert obj in scene.objects
             assert box.label in (obj.phrase, obj.kind)
             assert all(abs(a - b) <= 0.02 + 1e-9 for a, b in zip(box.xyxy, obj.box, strict=True))
     assert 0.0 in sizes and 1.0 in sizes and len(sizes) > 2  # empty, complete and partial groundings
+
+
+def test_obscured_objects_keep_their_place_and_lose_their_outline():
+    import numpy as np
+    from PIL import Image
+
+    from svp.world.detector import ShapesDetector
+
+    detector = ShapesDetector()
+    found = shapes_right = 0
+    n = 0
+    for scene in generate_scenes("train", 40):
+        if len(scene.objects) < 2:
+            continue
+        obscured, kept = scene.objects[0], scene.objects[1:]
+        pixels = obscure_shapes(scene, [obscured])
+        clean = np.asarray(scene.render())
+        for o in kept:  # untouched objects are pixel-identical
+            x0, y0 = o.origin
+            assert np.array_equal(pixels[y0 : y0 + o.side, x0 : x0 + o.side], clean[y0 : y0 + o.side, x0 : x0 + o.side])
+        cx, cy = (obscured.box[0] + obscured.box[2]) / 2, (obscured.box[1] + obscured.box[3]) / 2
+        hits = [d for d in detector.detect_objects(Image.fromarray(pixels))
+                if d.xyxy[0] <= cx <= d.xyxy[2] and d.xyxy[1] <= cy <= d.xyxy[3]]
+        n += 1
+        found += bool(hits)
+        shapes_right += bool(hits) and hits[0].shape == obscured.shape
+    assert n >= 15 and found == n  # still there, in its place
+    assert shapes_right / n <= 0.5  # the outline no longer tells the shape (the clean detector gets 100 %)
 
 
 def test_evaluation_suite_and_premise_run_on_the_model(vlm):
