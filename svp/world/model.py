@@ -10,7 +10,7 @@ Recipe, on the ``train`` split only:
 
 1. Vision pre-training (real VLMs start from a pretrained encoder): the vision tower alone learns
    to tell, from the features LLaVA feeds the projector (second-to-last layer, one per patch),
-   whether each cell holds an object and its shape, colour and size.
+   whether each cell holds an object, its shape, colour and size, and which cell it is.
 2. Instruction tuning of projector + decoder (vision tower frozen, as LLaVA does), loss on the
    answer tokens only, on a mix of the paper's prompt formats:
 
@@ -34,11 +34,13 @@ the kind of model SVP adapts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +112,8 @@ class WorldModelConfig:
     )
     """:class:`svp.models.tiny.TinySizes` overrides."""
     bf16: bool = True
-    """bfloat16 autocast for the decoder's matmuls (float32 weights and optimiser): ~1.5x faster on CPU."""
+    """bfloat16 autocast for the decoder's matmuls (float32 weights and optimiser; the vision path
+    stays float32): ~1.5x faster on CPU."""
     full_context_share: float = 0.45
     """Share of grounded examples with every object boxed (the rest: a random subset, a few none)."""
     obscured_boxed_ratio: float = 0.5
@@ -358,14 +361,17 @@ def answer_loss(
 
 
 def cell_targets(scenes: list[Scene]) -> torch.Tensor:
-    """[N, 9, 4] per cell: occupied, shape, colour, size indices (-100 where the cell is empty)."""
-    t = torch.full((len(scenes), GRID * GRID, 4), IGNORE_INDEX, dtype=torch.long)
+    """[N, 9, 5] per cell: occupied, shape, colour, size indices (-100 where the cell is empty), and
+    the cell's own index: like CLIP's, the features say where they are, so a decoder can read an
+    object's place from the feature itself, not only from where the image sits in the prompt."""
+    t = torch.full((len(scenes), GRID * GRID, 5), IGNORE_INDEX, dtype=torch.long)
     t[:, :, 0] = 0
+    t[:, :, 4] = torch.arange(GRID * GRID)
     colours = list(COLOURS)
     for n, s in enumerate(scenes):
         for o in s.objects:
             c = o.cell[0] * GRID + o.cell[1]
-            t[n, c] = torch.tensor([1, SHAPES.index(o.shape), colours.index(o.colour), SIZES.index(o.size)])
+            t[n, c, :4] = torch.tensor([1, SHAPES.index(o.shape), colours.index(o.colour), SIZES.index(o.size)])
     return t
 
 
@@ -376,7 +382,7 @@ def pretrain_vision(
     """Stage 1; returns the last loss. Heads read the features the projector will see (layer -2, no CLS)."""
     tower = model.model.vision_tower
     hidden = tower.config.hidden_size
-    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in (2, len(SHAPES), len(COLOURS), len(SIZES))])
+    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in (2, len(SHAPES), len(COLOURS), len(SIZES), GRID * GRID)])
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=config.vision_lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
@@ -398,6 +404,26 @@ def pretrain_vision(
         loss_value = float(loss.detach())
     tower.eval()
     return loss_value
+
+
+@contextlib.contextmanager
+def vision_in_float32(model: LlavaForConditionalGeneration) -> Iterator[None]:
+    """Keep the vision tower and projector out of an enclosing bfloat16 autocast: bfloat16's 8-bit
+    mantissa rounds away the small feature differences that tell colours and shapes apart, and the
+    tower was pre-trained, and runs at inference, in float32."""
+    modules = (model.model.vision_tower, model.model.multi_modal_projector)
+    for module in modules:
+
+        def forward(*args: Any, _forward: Any = module.forward, **kwargs: Any) -> Any:
+            with torch.autocast("cpu", enabled=False):
+                return _forward(*args, **kwargs)
+
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward  # the class's own forward again
 
 
 def lr_factor(progress: float, step: int, config: WorldModelConfig) -> float:
@@ -437,7 +463,7 @@ def instruction_tune(
         for group in opt.param_groups:
             group["lr"] = config.lr * lr_factor(done, step, config)
         examples = [sampler.sample() for _ in range(config.batch_size)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16), vision_in_float32(model):
             total, n_tokens = answer_loss(model, examples, pixels, pad_id, image_token_id)
         loss = total / max(1, n_tokens)
         opt.zero_grad(set_to_none=True)
