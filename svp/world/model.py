@@ -23,8 +23,8 @@ Recipe, on the ``train`` split only:
      and nothing absent is ever boxed, so the model learns that grounding can be trusted. In a
      share of these examples the boxed objects are blurred in the image (place, rough size and
      colour still visible, outline not), so their shape can only be read from the context — a
-     detector naming what the model cannot make out. Without them the model, which reads clean
-     shapes well, never needs the context and learns to ignore it;
+     detector naming what the model cannot make out. (Without them the model, which reads clean
+     shapes well, never needs the context: its all-boxed captions were no better than its base ones.)
    - ``pope`` / ``count`` / ``reg``: the probe questions (user turn only, no system prompt, as
      LLaVA's instruction data and :mod:`svp.training` render VQ pairs) -> short answers.
 
@@ -118,7 +118,7 @@ class WorldModelConfig:
     """Share of grounded examples with every object boxed (the rest: a random subset, a few none)."""
     obscured_boxed_ratio: float = 0.5
     """Share of grounded examples whose boxed objects keep colour, size and place in the image but
-    lose their outline (a dithered patch): the shape can only be read from the context."""
+    lose their outline (blurred over their cell): the shape can only be read from the context."""
     threads: int = 1
     """torch threads; on a shared 2-core machine one thread is faster than two."""
     seed: int = 0
@@ -453,27 +453,28 @@ def instruction_tune(
     start = time.perf_counter()
     step = 0
     bar = tqdm(total=config.steps, desc="instruction tuning", disable=not progress)
-    while step < config.steps:
-        elapsed = time.perf_counter() - start
-        if config.time_budget_s is not None and elapsed >= config.time_budget_s:
-            log.warning("instruction tuning stopped by its time budget after %d of %d steps", step, config.steps)
-            break
-        done = max((step - config.warmup_steps) / max(1, config.steps - config.warmup_steps),
-                   elapsed / config.time_budget_s if config.time_budget_s else 0.0)
-        for group in opt.param_groups:
-            group["lr"] = config.lr * lr_factor(done, step, config)
-        examples = [sampler.sample() for _ in range(config.batch_size)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16), vision_in_float32(model):
-            total, n_tokens = answer_loss(model, examples, pixels, pad_id, image_token_id)
-        loss = total / max(1, n_tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        recent = (recent + [float(loss.detach())])[-20:]
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    with vision_in_float32(model):  # once for the whole loop, not per step
+        while step < config.steps:
+            elapsed = time.perf_counter() - start
+            if config.time_budget_s is not None and elapsed >= config.time_budget_s:
+                log.warning("instruction tuning stopped by its time budget after %d of %d steps", step, config.steps)
+                break
+            done = max((step - config.warmup_steps) / max(1, config.steps - config.warmup_steps),
+                       elapsed / config.time_budget_s if config.time_budget_s else 0.0)
+            for group in opt.param_groups:
+                group["lr"] = config.lr * lr_factor(done, step, config)
+            examples = [sampler.sample() for _ in range(config.batch_size)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                total, n_tokens = answer_loss(model, examples, pixels, pad_id, image_token_id)
+            loss = total / max(1, n_tokens)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            recent = (recent + [float(loss.detach())])[-20:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
     bar.close()
     model.eval()
     for p in model.model.vision_tower.parameters():

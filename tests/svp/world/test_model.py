@@ -23,6 +23,7 @@ from svp.world.model import (
     pixel_tensor,
     question_messages,
     training_grounding,
+    vision_in_float32,
 )
 from svp.world.premise import premise_check
 from svp.world.scenes import generate_scene, generate_scenes
@@ -139,6 +140,25 @@ def test_obscured_objects_keep_their_place_and_lose_their_outline():
         shapes_right += bool(hits) and hits[0].shape == obscured.shape
     assert n >= 15 and found == n  # still there, in its place
     assert shapes_right / n <= 0.5  # the outline no longer tells the shape (the clean detector gets 100 %)
+
+
+def test_vision_path_stays_float32_under_bfloat16_autocast(vlm):
+    model = vlm.model
+    pixels = torch.randn(2, 3, 96, 96)
+
+    def features() -> torch.Tensor:
+        out = model.model.get_image_features(pixel_values=pixels)
+        out = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.cat(list(out)) if isinstance(out, (list, tuple)) else out
+
+    reference = features()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with vision_in_float32(model):
+            kept = features()
+        rounded = features()
+    assert kept.dtype == torch.float32 and torch.equal(kept, reference)
+    assert rounded.dtype == torch.bfloat16  # the class's own forward is back after the block
+    assert "forward" not in vars(model.model.vision_tower)
 
 
 def test_evaluation_suite_and_premise_run_on_the_model(vlm):
