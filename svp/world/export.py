@@ -1,7 +1,7 @@
 """Export a ShapesWorld split to a directory that runs and evaluations point at.
 
 Layout of ``export_split(split, n, out_dir)`` (``svp world export`` writes the same; ``svp world
-build`` writes one per split under ``${SVP_WORLD_ROOT:-.cache/svp/world}/v1/data/<split>/``)::
+build`` writes one per split under ``${SVP_WORLD_ROOT:-.cache/svp/world}/v2/data/<split>/``)::
 
     <out_dir>/
       images/<scene_id>.png      # 96 x 96 RGB scenes, e.g. images/test-000042.png

@@ -114,3 +114,15 @@ def test_export_layout(tmp_path, split):
     assert len(inst["annotations"]) == sum(len(s["objects"]) for s in json.loads((out / "scenes.json").read_text()))
     for name in ("pope_random", "pope_popular", "pope_adversarial", "reg", "counting"):
         assert json.loads((out / f"{name}.json").read_text())
+
+
+def test_small_objects_roam_their_cell_and_large_ones_stay_near_its_centre():
+    # Where perception is meant to be hard (small shapes anywhere in a cell) and where it is not.
+    offsets: dict[str, list[int]] = {"small": [], "large": []}
+    for scene in generate_scenes("train", 300):
+        for o in scene.objects:
+            centre_x = o.cell[1] * CELL + (CELL - o.side) // 2
+            offsets[o.size].append(o.origin[0] - centre_x)
+    assert max(abs(d) for d in offsets["large"]) <= 3
+    assert max(offsets["small"]) - min(offsets["small"]) >= 14
+
