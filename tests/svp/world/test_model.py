@@ -12,7 +12,7 @@ from svp.evaluation.generation import question_inputs
 from svp.evaluation.suite import EvalOptions, evaluate_coco, evaluate_world
 from svp.models.loading import load_vlm
 from svp.prompts import build_messages
-from svp.world.build import ensure_world
+from svp.world.build import WORLD_VERSION, ensure_world
 from svp.world.model import (
     IGNORE_INDEX,
     ExampleSampler,
@@ -42,7 +42,7 @@ def vlm(world):
 
 
 def test_build_writes_versioned_layout_and_is_reused(world):
-    assert world.root.name == "v1-ci"
+    assert world.root.name == f"{WORLD_VERSION}-ci"
     assert (world.model_dir / "config.json").is_file() and (world.model_dir / "train_report.json").is_file()
     assert (world.data_dirs["test"] / "captions_coco.json").is_file()
     assert not (world.data_dirs["unlabelled"] / "scenes.json").exists()
