@@ -428,6 +428,7 @@ def vision_in_float32(model: LlavaForConditionalGeneration) -> Iterator[None]:
 
 
 def use_bf16(config: WorldModelConfig) -> bool:
+    """The configured choice, or (``None``) whether oneDNN runs bfloat16 natively on this CPU."""
     if config.bf16 is not None:
         return config.bf16
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -40,9 +40,9 @@ MAX_OBJECTS = 4
 # the pixels, so a shape anywhere in its cell is far harder for a small vision tower to tell apart than
 # one near the centre: large objects stay near the centre and are read reliably, small ones go
 # anywhere in their cell and are not — the imperfect perception of a real VLM, which misses and
-# misnames small things, while the detector, reading the pixels, finds both (a linear probe on the
-# pre-trained vision features reads the shape of large objects 100 %, of small ones ~45 %; the
-# decoder reads more than the probe: its greedy captions name 61-92 % of objects right).
+# misnames small things, while the detector, reading the pixels, finds both. Measured: a linear probe
+# on the pre-trained vision features reads the shape of large objects 100 %, of small ones 44 %; the
+# default build's greedy captions name 90 % of objects right (300 test scenes).
 POSITION_JITTER: dict[str, int] = {"small": CELL, "large": 3}
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")

@@ -125,4 +125,3 @@ def test_small_objects_roam_their_cell_and_large_ones_stay_near_its_centre():
             offsets[o.size].append(o.origin[0] - centre_x)
     assert max(abs(d) for d in offsets["large"]) <= 3
     assert max(offsets["small"]) - min(offsets["small"]) >= 14
-
