@@ -16,6 +16,9 @@ from svp.contract import Box
 
 log = logging.getLogger(__name__)
 
+# Context lines are ordered in three horizontal bands, like the top/middle/bottom of a caption.
+READING_BANDS = 3
+
 # Words that start a noun phrase in descriptive captions.
 _DETERMINERS = frozenset(
     "a an the one two three four five six seven eight nine ten several some many multiple "
@@ -120,11 +123,21 @@ def nms(boxes: Sequence[Box], iou_threshold: float, class_agnostic: bool = True)
     return kept
 
 
+def reading_band(box: Box) -> int:
+    """Which third of the image (0 top, 1 middle, 2 bottom) holds the box's centre."""
+    return min(READING_BANDS - 1, int(READING_BANDS * (box.xyxy[1] + box.xyxy[3]) / 2))
+
+
 def render_context(boxes: Sequence[Box]) -> str:
     """The grounding as the text inside ``<context> … </context>``.
 
-    One line per object, ``label: [x1, y1, x2, y2]`` with 2 decimals, in reading order (top to
-    bottom, then left to right, then label) so equal groundings always give equal prompts.
+    One line per object, ``label: [x1, y1, x2, y2]`` with 2 decimals, in reading order: by the
+    third of the image the box's centre lies in (top, middle, bottom), then left to right, then
+    label — the order in which a position-first caption ("at the top left …, at the top right …")
+    names them, so a model can copy the lines in turn instead of re-sorting them (sorted by the top
+    edge alone, a small object low in the top third came after a large one beside it). Equal
+    groundings always give equal prompts.
     """
-    ordered = sorted(boxes, key=lambda b: (round(b.xyxy[1], 2), round(b.xyxy[0], 2), b.label, -b.score))
+    ordered = sorted(boxes, key=lambda b: (reading_band(b), round(b.xyxy[0], 2), round(b.xyxy[1], 2), b.label,
+                                           -b.score))
     return "\n".join(f"{b.label}: [{', '.join(f'{c:.2f}' for c in b.xyxy)}]" for b in ordered)

@@ -52,6 +52,19 @@ def test_render_context_is_deterministic_and_rounded():
     assert render_context([]) == ""
 
 
+def test_render_context_follows_a_position_first_caption():
+    # a large object at the top right starts higher than a small one at the top left, yet a caption
+    # names the top left first; the centre-bottom one comes last even though it starts in the middle third
+    top_right = _b("large blue square", (0.70, 0.03, 0.95, 0.30), 0.9)
+    top_left = _b("small red circle", (0.05, 0.20, 0.12, 0.28), 0.9)
+    bottom = _b("green diamond", (0.40, 0.60, 0.60, 0.95), 0.9)
+    middle_right = _b("red triangle", (0.80, 0.45, 0.90, 0.55), 0.9)
+    lines = render_context([bottom, middle_right, top_right, top_left]).splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "small red circle", "large blue square", "red triangle", "green diamond"
+    ]
+
+
 @pytest.mark.parametrize(
     "xyxy, fragment",
     [
