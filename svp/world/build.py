@@ -1,6 +1,6 @@
 """``svp world build``: the versioned, cached ShapesWorld artifacts — split exports and the base VLM.
 
-Layout under ``${SVP_WORLD_ROOT:-.cache/svp/world}/<version>/`` (``v2``; ``v2-ci`` for the
+Layout under ``${SVP_WORLD_ROOT:-.cache/svp/world}/<version>/`` (``v3``; ``v3-ci`` for the
 seconds-scale configuration the tests use)::
 
     data/train/        export of the train split (see svp.world.export) + vq_pairs.jsonl
@@ -31,7 +31,7 @@ from svp.world.scenes import generate_scenes
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "v2"
+WORLD_VERSION = "v3"
 DEFAULT_ROOT = ".cache/svp/world"
 
 

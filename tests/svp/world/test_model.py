@@ -21,6 +21,7 @@ from svp.world.model import (
     answer_loss,
     obscure_shapes,
     pixel_tensor,
+    prefix_length,
     question_messages,
     training_grounding,
     vision_in_float32,
@@ -72,10 +73,15 @@ def test_training_inputs_are_what_inference_builds(vlm):
 def test_shared_prefix_loss_equals_plain_forward(vlm):
     scenes = generate_scenes("train", 20)
     encoder = PromptEncoder(vlm.processor)
-    sampler = ExampleSampler(scenes, encoder, dataclasses.replace(WorldModelConfig.ci(), obscured_boxed_ratio=1.0))
+    config = dataclasses.replace(WorldModelConfig.ci(), obscured_boxed_ratio=1.0, probe_question_first=0.5)
+    sampler = ExampleSampler(scenes, encoder, config)
     examples = [sampler.sample() for _ in range(16)]
     # the mix holds every prompt family, and some grounded examples come with an edited image
     assert any(not isinstance(e.image, int) for e in examples)
+    # some probes put the question before the image (their own shared prefix)
+    assert len({prefix_length(e.prompt, vlm.image_token_id) for e in examples}) > 3
+    # probe answers carry their heavier token weight
+    assert {e.weight for e in examples} >= {1.0, dict(WorldModelConfig.ci().token_weights)["pope"]}
     pixels = pixel_tensor([s.render() for s in scenes], vlm.processor)
     model = vlm.model
     width = max(len(e.prompt) + len(e.answer) for e in examples)
@@ -88,14 +94,19 @@ def test_shared_prefix_loss_equals_plain_forward(vlm):
         labels[r, len(e.prompt) : n] = torch.tensor(e.answer)
         attention[r, :n] = 1
     images = torch.stack([pixels[e.image] if isinstance(e.image, int) else e.image for e in examples])
-    plain = model(input_ids=ids, attention_mask=attention, pixel_values=images, labels=labels).loss
-    total, n_tokens = answer_loss(model, examples, pixels, vlm.pad_token_id, vlm.image_token_id)
-    assert n_tokens == int((labels != IGNORE_INDEX).sum())
-    assert float((total / n_tokens).detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
+    # the reference: a plain forward pass, each answer token's loss weighted by its task's weight
+    logits = model(input_ids=ids, attention_mask=attention, pixel_values=images).logits
+    token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                     ignore_index=IGNORE_INDEX, reduction="none").view(len(examples), -1)
+    row_weights = torch.tensor([e.weight for e in examples])[:, None]
+    plain = (token_losses * row_weights).sum() / (row_weights * (labels[:, 1:] != IGNORE_INDEX)).sum()
+    total, weight_sum = answer_loss(model, examples, pixels, vlm.pad_token_id, vlm.image_token_id)
+    assert weight_sum == pytest.approx(float((row_weights * (labels != IGNORE_INDEX)).sum()))
+    assert float((total / weight_sum).detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
     weight = model.model.language_model.layers[0].self_attn.q_proj.weight
     g_plain = torch.autograd.grad(plain, weight)[0]
     g_shared = torch.autograd.grad(answer_loss(model, examples, pixels, vlm.pad_token_id, vlm.image_token_id)[0]
-                                   / n_tokens, weight)[0]
+                                   / weight_sum, weight)[0]
     assert torch.allclose(g_plain, g_shared, atol=1e-6, rtol=1e-4)
 
 
@@ -112,6 +123,26 @@ def test_training_groundings_are_true():
             assert box.label in (obj.phrase, obj.kind)
             assert all(abs(a - b) <= 0.02 + 1e-9 for a, b in zip(box.xyxy, obj.box, strict=True))
     assert 0.0 in sizes and 1.0 in sizes and len(sizes) > 2  # empty, complete and partial groundings
+
+
+def test_base_captions_of_busy_scenes_leave_out_small_objects(vlm):
+    scenes = generate_scenes("train", 60)
+    config = dataclasses.replace(WorldModelConfig.ci(), omit_small_in_busy=1.0)
+    sampler = ExampleSampler(scenes, PromptEncoder(vlm.processor), config)
+    omitted = 0
+    for scene in scenes:
+        kept = sampler.base_caption_objects(scene)
+        assert kept and all(o in scene.objects for o in kept)  # never empty, never invented
+        if len(scene.objects) < config.busy_scene_objects:
+            assert kept == list(scene.objects)
+        elif any(o.size == "large" for o in scene.objects):
+            assert kept == [o for o in scene.objects if o.size == "large"]
+        omitted += len(scene.objects) - len(kept)
+    assert omitted > 0
+    # at 0 every caption is complete
+    complete = ExampleSampler(scenes, PromptEncoder(vlm.processor),
+                              dataclasses.replace(config, omit_small_in_busy=0.0))
+    assert all(complete.base_caption_objects(s) == list(s.objects) for s in scenes)
 
 
 def test_obscured_objects_keep_their_place_and_lose_their_outline():
