@@ -289,12 +289,8 @@ class ExampleSampler:
         self.pope = {s: pope_questions(scenes, s, seed=config.seed) for s in POPE_STRATEGIES}
         self.counts = count_questions(scenes, seed=config.seed)
         self.index = {s.scene_id: i for i, s in enumerate(scenes)}
-        self.obscured_boxed_ratio = config.obscured_boxed_ratio
-        self.full_context_share = config.full_context_share
+        self.config = config
         self.token_weights = dict(config.token_weights)
-        self.busy_scene_objects = config.busy_scene_objects
-        self.omit_small_in_busy = config.omit_small_in_busy
-        self.probe_question_first = config.probe_question_first
 
     def sample(self, weighted: bool = True) -> Example:
         """One example; ``weighted``: its tokens carry the task's ``token_weights`` (else 1)."""
@@ -303,20 +299,20 @@ class ExampleSampler:
 
     def base_caption_objects(self, scene: Scene) -> list[SceneObject]:
         objects = list(scene.objects)
-        if len(objects) < self.busy_scene_objects:
+        if len(objects) < self.config.busy_scene_objects:
             return objects
-        kept = [o for o in objects if o.size != "small" or self.rng.random() >= self.omit_small_in_busy]
+        kept = [o for o in objects if o.size != "small" or self.rng.random() >= self.config.omit_small_in_busy]
         return kept or objects[:1]  # a caption never denies what is there
 
     def _probe_prompt(self, question: str) -> list[int]:
-        image_first = self.rng.random() >= self.probe_question_first
+        image_first = self.rng.random() >= self.config.probe_question_first
         return self.encoder.prompt_ids(question_messages(question, image_first=image_first))
 
     def _grounded(self, i: int) -> Example:
         scene = self.scenes[i]
-        grounding = training_grounding(scene, self.rng, self.full_context_share)
+        grounding = training_grounding(scene, self.rng, self.config.full_context_share)
         image: int | torch.Tensor = i
-        if grounding and self.rng.random() < self.obscured_boxed_ratio:
+        if grounding and self.rng.random() < self.config.obscured_boxed_ratio:
             image = pixel_tensor(obscure_shapes(scene, [o for o, _ in grounding])[None],
                                  self.encoder.processor)[0]
         context = render_context([b for _, b in grounding])
