@@ -137,12 +137,6 @@ class WorldModelConfig:
     objects leaves out each small one — as human captions (COCO's) name a crowded scene's salient
     things — so the base model misses small objects as real VLMs do. ``grounded`` answers always
     name every object: with grounding, the model describes what it would otherwise skip."""
-    grounded_omits_unboxed: bool = True
-    """``grounded`` answers name every boxed object and, of the rest, what a ``base`` caption would
-    (small unboxed ones of a busy scene mostly left out). Grounding then adds certainty about what
-    it boxes instead of licensing guesses about everything else: when every grounded answer named
-    every object, samples with a partial context named the small objects the model misreads, and
-    hallucinated more than the prior samples (0.12 -> 0.18)."""
     probe_question_first: float = 0.5
     """Share of probe examples with the question before the image, as in LLaVA's instruction data,
     where ``<image>`` opens or closes the first turn at random: image tokens that come after the
@@ -202,9 +196,6 @@ class PromptEncoder:
             1 if processor.vision_feature_select_strategy == "default" else 0
         )
         self._cache: dict[str, list[int]] = {}
-        # the tokens that open a user turn ("USER", ":"): what an image-only turn has before its image
-        opening = self.prompt_ids([{"role": "user", "content": [{"type": "image"}]}])
-        self.user_turn = opening[1 : opening.index(int(processor.image_token_id))]
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         text = str(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
@@ -218,12 +209,6 @@ class PromptEncoder:
         if len(self._cache) < 4096:
             self._cache[text] = ids
         return ids
-
-    def shared_prefix_length(self, prompt: list[int]) -> int:
-        """Tokens up to the end of the first user-turn opener: BOS, the system prompt, "USER:" —
-        the part every prompt with the same system prompt shares, whatever its turn holds."""
-        n = len(self.user_turn)
-        return next(i + n for i in range(len(prompt)) if prompt[i : i + n] == self.user_turn)
 
     def answer_ids(self, answer: str) -> list[int]:
         """The answer's tokens and the end-of-turn token the template writes after it."""
@@ -286,8 +271,6 @@ class Example:
     image: int | torch.Tensor
     """Index into the cached train pixels, or the pixels [3, H, W] of an edited scene."""
     prompt: list[int]
-    prefix: int
-    """Length of the prompt's :meth:`PromptEncoder.shared_prefix_length`."""
     answer: list[int]
     weight: float = 1.0
     """Loss weight of each of the answer's tokens."""
@@ -314,14 +297,11 @@ class ExampleSampler:
         task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.weights))]
         return dataclasses.replace(self._sample(task), weight=self.token_weights.get(task, 1.0) if weighted else 1.0)
 
-    def caption_objects(self, scene: Scene, boxed: tuple[SceneObject, ...] = ()) -> list[SceneObject]:
-        """The objects a training caption names: in a busy scene, each small one not in ``boxed`` only
-        with probability ``1 - omit_small_in_busy``; every boxed one always."""
+    def base_caption_objects(self, scene: Scene) -> list[SceneObject]:
         objects = list(scene.objects)
         if len(objects) < self.config.busy_scene_objects:
             return objects
-        kept = [o for o in objects
-                if o.size != "small" or o in boxed or self.rng.random() >= self.config.omit_small_in_busy]
+        kept = [o for o in objects if o.size != "small" or self.rng.random() >= self.config.omit_small_in_busy]
         return kept or objects[:1]  # a caption never denies what is there
 
     def _probe_prompt(self, question: str) -> list[int]:
@@ -336,30 +316,34 @@ class ExampleSampler:
             image = pixel_tensor(obscure_shapes(scene, [o for o, _ in grounding])[None],
                                  self.encoder.processor)[0]
         context = render_context([b for _, b in grounding])
-        named = (self.caption_objects(scene, tuple(o for o, _ in grounding)) if self.config.grounded_omits_unboxed
-                 else scene.objects)
-        return self._example(image, self.encoder.prompt_ids(build_messages("grounded", context)), canonical_caption(named))
-
-    def _example(self, image: int | torch.Tensor, prompt: list[int], answer: str) -> Example:
-        return Example(image, prompt, self.encoder.shared_prefix_length(prompt), self.encoder.answer_ids(answer))
+        return Example(image, self.encoder.prompt_ids(build_messages("grounded", context)),
+                       self.encoder.answer_ids(canonical_caption(scene.objects)))
 
     def _sample(self, task: str) -> Example:
         if task in ("base", "grounded", "reg"):
             i = int(self.rng.integers(len(self.scenes)))
             scene = self.scenes[i]
             if task == "base":
-                return self._example(i, self.encoder.prompt_ids(build_messages("base")),
-                                     canonical_caption(self.caption_objects(scene)))
+                return Example(i, self.encoder.prompt_ids(build_messages("base")),
+                               self.encoder.answer_ids(canonical_caption(self.base_caption_objects(scene))))
             if task == "grounded":
                 return self._grounded(i)
             obj = scene.objects[int(self.rng.integers(len(scene.objects)))]
-            return self._example(i, self._probe_prompt(region_question(obj.box)), region_expression(obj))
+            return Example(i, self._probe_prompt(region_question(obj.box)),
+                           self.encoder.answer_ids(region_expression(obj)))
         if task == "pope":
             strategy = POPE_STRATEGIES[int(self.rng.integers(len(POPE_STRATEGIES)))]
             q = self.pope[strategy][int(self.rng.integers(len(self.pope[strategy])))]
-            return self._example(self.index[q.scene_id], self._probe_prompt(q.question), q.answer.capitalize())
+            return Example(self.index[q.scene_id], self._probe_prompt(q.question),
+                           self.encoder.answer_ids(q.answer.capitalize()))
         c = self.counts[int(self.rng.integers(len(self.counts)))]
-        return self._example(self.index[c.scene_id], self._probe_prompt(c.question), c.answer)
+        return Example(self.index[c.scene_id], self._probe_prompt(c.question),
+                       self.encoder.answer_ids(c.answer))
+
+
+def prefix_length(prompt: list[int], image_token_id: int) -> int:
+    """Tokens before the image: the part of a prompt (BOS, system text, "USER:") no image changes."""
+    return prompt.index(image_token_id)
 
 
 def answer_loss(
@@ -367,18 +351,19 @@ def answer_loss(
     examples: list[Example],
     pixels: torch.Tensor,
     pad_id: int,
+    image_token_id: int,
 ) -> tuple[torch.Tensor, float]:
     """Weighted sum of the cross-entropy of the answer tokens of ``examples`` and the sum of the weights
     (each token carries its example's ``weight``).
 
     Exactly the loss of a plain right-padded forward pass, computed faster: examples that share
-    a system prompt are run together, and their shared prefix — up to 160 tokens of Appendix F
-    system prompt, then "USER:" — is run once, its key/value cache repeated over
+    the text before the image (same system prompt) are run together, and that shared prefix —
+    up to 160 tokens of Appendix F system prompt — is run once, its key/value cache repeated over
     the group (gradients flow through it), instead of once per example.
     """
     groups: dict[tuple[int, ...], list[Example]] = {}
     for ex in examples:
-        groups.setdefault(tuple(ex.prompt[: ex.prefix]), []).append(ex)
+        groups.setdefault(tuple(ex.prompt[: prefix_length(ex.prompt, image_token_id)]), []).append(ex)
     total = torch.zeros(())
     weight_sum = 0.0
     for prefix, group in groups.items():
@@ -514,6 +499,7 @@ def instruction_tune(
     model.train()
     model.model.vision_tower.eval()
     recent: list[float] = []
+    image_token_id = int(model.config.image_token_id)
     start = time.perf_counter()
     step = 0
     bf16 = use_bf16(config)
@@ -531,7 +517,7 @@ def instruction_tune(
             weighted = done >= config.token_weights_from
             examples = [sampler.sample(weighted) for _ in range(config.batch_size)]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                total, weight_sum = answer_loss(model, examples, pixels, pad_id)
+                total, weight_sum = answer_loss(model, examples, pixels, pad_id, image_token_id)
             loss = total / max(1.0, weight_sum)
             opt.zero_grad(set_to_none=True)
             loss.backward()
