@@ -85,9 +85,10 @@ class WorldModelConfig:
     """Stage 2: instruction-tuning steps (projector + decoder): what a 1000 s budget reached on an
     idle 2-core Xeon. A fixed count makes builds, and comparisons of recipes, reproducible: under a
     budget that binds, two builds sharing a machine got 1074 steps and measured worse."""
-    time_budget_s: float | None = 1150.0
+    time_budget_s: float | None = 1080.0
     """Stage 2 stops after this many seconds (the schedule follows time when it runs ahead of
-    steps): the cap that keeps a build within 20 minutes on a slower or busier machine."""
+    steps): with vision pre-training (~100 s) the cap that keeps a build within 20 minutes on a
+    slower or busier machine."""
     batch_size: int = 32
     lr: float = 1.5e-3
     warmup_steps: int = 50
