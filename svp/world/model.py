@@ -146,9 +146,8 @@ class WorldModelConfig:
     where ``<image>`` opens or closes the first turn at random: image tokens that come after the
     question can already look for what it asks about."""
     threads: int = 2
-    """torch threads. A build on an idle 2-core machine runs 1.34x faster per step with two than
-    with one (0.70 vs 0.94 s), which within the cap means 1392 steps instead of 959; on a machine
-    shared with other work one thread is faster."""
+    """torch threads. Alone on a 2-core machine, stage 2 ran 0.78 s a step with two and 1.19 s with
+    one: within the cap, 1392 steps instead of 959. On a machine shared with other work one is faster."""
     seed: int = 0
 
     @classmethod
