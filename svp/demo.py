@@ -7,6 +7,7 @@ The commands are thin: process launching is :mod:`svp.stack`, the REST calls are
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import signal
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from svp.client import GatewayClient
 from svp.contract import RunCreate, RunPublic
+from svp.evaluation.intervals import Interval, intervals_table, object_intervals, scene_counts
 from svp.stack import LocalStack, StackSpec
 
 log = logging.getLogger(__name__)
@@ -174,11 +176,12 @@ def stack_spec(work_dir: Path, data_root: Path, artifact_root: Path, model: Path
 # of base and adapted on 200 test scenes 40 s, starting the stack 20 s. K=8 with the top quarter
 # kept (2 per image, as K=4/0.5) gives selection more to choose from at about twice the sampling
 # time (~7 min). Captions are cut at 64 tokens (a 4-object ShapesWorld caption is ~55 tokens).
+# 300 test scenes: the object metrics' bootstrap intervals are what says whether SVP helped.
 DEMO_IMAGES = 300
 DEMO_K = 8
 DEMO_TOP_RATIO = 0.25
 DEMO_MAX_NEW_TOKENS = 64
-DEMO_TEST_SCENES = 200
+DEMO_TEST_SCENES = 300
 HEADLINE = [("objects", "object_recall"), ("objects", "hallucination_rate"), ("captioning", "CIDEr"),
             ("captioning", "Bleu_4"), ("pope_adversarial", "f1"), ("pope_random", "f1"), ("counting", "accuracy")]
 
@@ -236,12 +239,15 @@ def demo_command(
     finally:
         stack.stop()
     t0 = time.perf_counter()
-    results = _evaluate(world.model_dir, artifact_root, runs, test_scenes,
-                        [t.strip() for t in eval_tasks.split(",") if t.strip()])
+    tasks = [t.strip() for t in eval_tasks.split(",") if t.strip()]
+    results, captions = _evaluate(world.model_dir, artifact_root, runs, test_scenes, sorted({"caption", *tasks}))
+    intervals = _object_intervals(captions, test_scenes)
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
-    report = write_demo_report(artifact_root, results, runs, timings, world.build)
+    report = write_demo_report(artifact_root, results, intervals, test_scenes, runs, timings, world.build)
+    typer.echo("\n" + base_model_section(world.build))
     typer.echo("\n" + comparison_table(results))
+    typer.echo("\n" + intervals_table(intervals, test_scenes) + "\n" + verdict(intervals))
     typer.echo(f"\n{_timing_line(timings)}\nreport: {report}")
 
 
@@ -255,8 +261,9 @@ def _fail(message: str) -> int:
 
 
 def _evaluate(model_dir: Path, artifact_root: Path, runs: dict[str, RunPublic], n: int,
-              tasks: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """Metrics of the base model and of each run's final adapter on held-out test scenes (in-process)."""
+              tasks: list[str]) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, list[str]]]:
+    """Metrics of the base model and of each run's final adapter on held-out test scenes
+    (in-process), and each model's base-prompt captions."""
     import torch
 
     from svp.evaluation.suite import EvalOptions, evaluate_world
@@ -265,13 +272,52 @@ def _evaluate(model_dir: Path, artifact_root: Path, runs: dict[str, RunPublic], 
     torch.set_num_threads(1)  # see svp.stack: extra threads spin against the rest of the machine
     vlm = load_vlm(str(model_dir))
     options = EvalOptions(meteor=False)
-    results = {"base": evaluate_world(vlm, "test", n, tasks, options)[0]}
+    results, texts = evaluate_world(vlm, "test", n, tasks, options)
+    out, captions = {"base": results}, {"base": texts["caption"]}
     for name, run in runs.items():
         adapter = run.rounds[-1].adapter
         assert adapter is not None
         vlm.load_adapter(adapter, artifact_root)
-        results[name] = evaluate_world(vlm, "test", n, tasks, options, adapter=adapter)[0]
-    return results
+        out[name], texts = evaluate_world(vlm, "test", n, tasks, options, adapter=adapter)
+        captions[name] = texts["caption"]
+    return out, captions
+
+
+def _object_intervals(captions: dict[str, list[str]], n: int) -> dict[str, dict[str, Interval]]:
+    from collections import Counter
+
+    from svp.world.language import mentioned_objects
+    from svp.world.scenes import generate_scenes
+
+    truths = [Counter(o.kind for o in s.objects) for s in generate_scenes("test", n)]
+    return object_intervals({name: scene_counts(caps, truths, mentioned_objects) for name, caps in captions.items()})
+
+
+def verdict(intervals: dict[str, dict[str, Interval]]) -> str:
+    """Whether SVP moved recall up and hallucination down by more than their 95 % intervals."""
+    delta = intervals.get("SVP - base")
+    if delta is None:
+        return ""
+    recall, halluc = delta["object_recall"], delta["hallucination_rate"]
+    words = [
+        f"recall {'up' if recall.value > 0 else 'down'} by {abs(recall.value):.3f}"
+        + (" (beyond its interval)" if recall.excludes_zero() else " (within noise)"),
+        f"hallucination {'down' if halluc.value < 0 else 'up'} by {abs(halluc.value):.3f}"
+        + (" (beyond its interval)" if halluc.excludes_zero() else " (within noise)"),
+    ]
+    return "SVP vs base: " + "; ".join(words)
+
+
+def base_model_section(build: dict[str, object]) -> str:
+    """The gate the base model passed when it was built, so a reader sees the model is sound."""
+    from svp.world.gate import GateThresholds, gate_table
+
+    gate = build.get("gate")
+    if not isinstance(gate, dict):
+        return "base model: no gate recorded"
+    thresholds = GateThresholds(**build["gate_thresholds"])  # type: ignore[arg-type]
+    return (f"base model (seed {build.get('seed')}, {build.get('steps')} steps) passed its gate on "
+            f"{thresholds.scenes} held-out train scenes:\n" + gate_table(gate, thresholds))
 
 
 def comparison_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -292,7 +338,8 @@ def _timing_line(timings: dict[str, float]) -> str:
     return "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
 
 
-def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str, float]]], runs: dict[str, RunPublic],
+def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str, float]]],
+                      intervals: dict[str, dict[str, Interval]], test_scenes: int, runs: dict[str, RunPublic],
                       timings: dict[str, float], world_build: dict[str, object]) -> Path:
     """``results.json``, ``metrics.png`` (headline metrics per model), ``scores.png`` (score histogram of
     all vs selected candidates) and ``report.md`` under ``<artifact_root>/demo/<SVP run id>/``."""
@@ -309,7 +356,9 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
     out = artifact_root / "demo" / svp_run.id
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({
-        "results": results, "timings": timings, "world": world_build,
+        "results": results, "test_scenes": test_scenes,
+        "intervals": {name: {m: dataclasses.asdict(i) for m, i in metrics.items()} for name, metrics in intervals.items()},
+        "timings": timings, "world": world_build,
         "runs": {n: r.model_dump(mode="json") for n, r in runs.items()},
     }, indent=1))
 
@@ -343,7 +392,8 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
         f"# SVP demo on ShapesWorld (run {svp_run.id})", "",
         f"One round over {svp_run.rounds[0].images_total} unlabelled images, K={c.k}, top ratio {c.top_ratio}, "
         f"score {c.score}, preset {c.preset}, max_new_tokens {c.max_new_tokens}.", "",
-        "```", comparison_table(results), "```", "", _timing_line(timings), "",
+        "```", comparison_table(results), "", intervals_table(intervals, test_scenes), "```", "",
+        verdict(intervals), "", "```", base_model_section(world_build), "```", "", _timing_line(timings), "",
         "![metrics](metrics.png)", "", "![scores](scores.png)", "",
     ]
     (out / "report.md").write_text("\n".join(lines))

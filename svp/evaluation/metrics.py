@@ -86,19 +86,21 @@ def _match(mentions: Counter[str], truth: Counter[str]) -> int:
     return matched
 
 
+def object_counts(caption: str, truth: Counter[str], parse: MentionParser) -> tuple[int, int, int]:
+    """One caption's ground-truth objects, mentions, and mentions matched to the truth."""
+    mentions = parse(caption)
+    return sum(truth.values()), sum(mentions.values()), _match(mentions, truth)
+
+
 def object_scores(
     captions: Mapping[Any, str], truths: Mapping[Any, Counter[str]], parse: MentionParser
 ) -> dict[str, float]:
     """CHAIR-style object recall and hallucination over a corpus (see module docstring)."""
-    n_truth = n_mentions = n_matched = n_bad_captions = 0
-    for key, caption in captions.items():
-        mentions = parse(caption)
-        truth = truths[key]
-        matched = _match(mentions, truth)
-        n_truth += sum(truth.values())
-        n_mentions += sum(mentions.values())
-        n_matched += matched
-        n_bad_captions += matched < sum(mentions.values())
+    counts = [object_counts(caption, truths[key], parse) for key, caption in captions.items()]
+    n_truth = sum(c[0] for c in counts)
+    n_mentions = sum(c[1] for c in counts)
+    n_matched = sum(c[2] for c in counts)
+    n_bad_captions = sum(matched < mentions for _, mentions, matched in counts)
     return {
         "object_recall": n_matched / n_truth if n_truth else 0.0,
         "hallucination_rate": (n_mentions - n_matched) / n_mentions if n_mentions else 0.0,

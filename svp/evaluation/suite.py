@@ -75,14 +75,14 @@ def _answers(vlm: LoadedVLM, images: dict[str, Image.Image], items: Sequence[tup
 
 def evaluate_world(
     vlm: LoadedVLM, split: str = "test", n_scenes: int = 300, tasks: Sequence[str] = WORLD_TASKS,
-    options: EvalOptions = EvalOptions(), adapter: str | None = None,
+    options: EvalOptions = EvalOptions(), adapter: str | None = None, start: int = 0,
 ) -> tuple[Results, dict[str, list[str]]]:
-    """Metrics of the model (with ``adapter`` active, if any) on scenes ``0..n-1`` of ``split``,
-    and the generated texts by task (for inspection)."""
+    """Metrics of the model (with ``adapter`` active, if any) on scenes ``start..start+n-1`` of
+    ``split``, and the generated texts by task (for inspection)."""
     unknown = set(tasks) - set(WORLD_TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; known: {', '.join(WORLD_TASKS)}")
-    scenes = generate_scenes(split, n_scenes)
+    scenes = generate_scenes(split, n_scenes, start=start)
     images = {s.scene_id: s.render() for s in scenes}
     truths = {s.scene_id: Counter(o.kind for o in s.objects) for s in scenes}
     results: Results = {}

@@ -105,12 +105,15 @@ def build_tiny_vlm(
     chat_format: str = "llava_v1",
     seed: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    vision_feature_select_strategy: str = "default",
     **size_overrides: object,
 ) -> Path:
     """Save a random-initialised ``arch`` VLM with its processor and chat template to ``out_dir``.
 
     ``tokenizer`` defaults to :func:`build_word_tokenizer` over :func:`default_vocabulary`; a given
     tokenizer must have ``<image>`` as a single token and gets ``chat_format``'s template.
+    ``vision_feature_select_strategy`` is LLaVA's: ``"default"`` drops CLIP's CLS token, ``"full"``
+    gives it to the decoder as one more image token.
     ``size_overrides`` are :class:`TinySizes` fields (unknown names raise ``TypeError``). The same
     ``seed`` and arguments always give the same weights. Returns ``out_dir``.
     """
@@ -121,6 +124,9 @@ def build_tiny_vlm(
     sizes = dataclasses.replace(TinySizes(), **size_overrides)  # type: ignore[arg-type]
     if sizes.image_size % sizes.patch_size:
         raise ValueError("image_size must be a multiple of patch_size")
+    if vision_feature_select_strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {vision_feature_select_strategy!r}")
+    image_seq_length = (sizes.image_size // sizes.patch_size) ** 2 + (vision_feature_select_strategy == "full")
     tokenizer = tokenizer if tokenizer is not None else build_word_tokenizer(default_vocabulary(), chat_format)
     image_ids = tokenizer.encode(IMAGE, add_special_tokens=False)
     if len(image_ids) != 1 or image_ids[0] == tokenizer.unk_token_id:
@@ -138,37 +144,37 @@ def build_tiny_vlm(
         vision_config=_vision_config(sizes),
         text_config=_text_config(sizes, tokenizer),
         image_token_id=image_token_id,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=vision_feature_select_strategy,
         vision_feature_layer=-2,
         projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
     if arch == "llava":
         model: Any = LlavaForConditionalGeneration(
-            LlavaConfig(**common, image_seq_length=(sizes.image_size // sizes.patch_size) ** 2)
+            LlavaConfig(**common, image_seq_length=image_seq_length)
         )
         processor: LlavaProcessor | LlavaNextProcessor = LlavaProcessor(
             image_processor=CLIPImageProcessorPil(**image_kwargs),
             tokenizer=tokenizer,
             patch_size=sizes.patch_size,
-            vision_feature_select_strategy="default",
+            vision_feature_select_strategy=vision_feature_select_strategy,
             chat_template=CHAT_TEMPLATES[chat_format],
             image_token=IMAGE,
-            num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+            num_additional_image_tokens=1,  # CLIP's CLS token; the "default" strategy drops it
         )
     else:
         model = LlavaNextForConditionalGeneration(
             LlavaNextConfig(
                 **common,
                 image_grid_pinpoints=sizes.pinpoints(),
-                image_seq_length=(sizes.image_size // sizes.patch_size) ** 2,
+                image_seq_length=image_seq_length,
             )
         )
         processor = LlavaNextProcessor(
             image_processor=LlavaNextImageProcessorPil(**image_kwargs, image_grid_pinpoints=sizes.pinpoints()),
             tokenizer=tokenizer,
             patch_size=sizes.patch_size,
-            vision_feature_select_strategy="default",
+            vision_feature_select_strategy=vision_feature_select_strategy,
             chat_template=CHAT_TEMPLATES[chat_format],
             image_token=IMAGE,
             num_additional_image_tokens=1,

@@ -1,21 +1,26 @@
 """``svp world build``: the versioned, cached ShapesWorld artifacts — split exports and the base VLM.
 
-Layout under ``${SVP_WORLD_ROOT:-.cache/svp/world}/<version>/`` (``v3``; ``v3-ci`` for the
+Layout under ``${SVP_WORLD_ROOT:-.cache/svp/world}/<version>/`` (``v4``; ``v4-ci`` for the
 seconds-scale configuration the tests use)::
 
     data/train/        export of the train split (see svp.world.export) + vq_pairs.jsonl
     data/unlabelled/   SVP's seed images: images/ + manifest.txt, no labels
     data/test/         held-out scenes with ground truth, references and probes
     model/             the base VLM (save_pretrained: config, safetensors, processor, tokenizer)
-                       + train_report.json (parameters, losses, training seconds, config)
-    build.json         what was built with which configuration; written last
+                       + train_report.json (parameters, losses, read-out, seconds, environment, config)
+    build.json         what was built with which configuration, what ran (steps, precision,
+                       threads, versions, CPU flags), every attempt and the gate; written last
 
-A build whose ``build.json`` matches the requested configuration is reused; anything else is
-rebuilt from scratch (``--force`` always rebuilds).
+A model is cached only once it passes :mod:`svp.world.gate`. A build that fails the gate (after
+stage 1, or at the end) is tried again with the next seed, up to the scale's ``attempts``; if
+none passes, the build fails with the gate's table and nothing is cached. A build whose
+``build.json`` matches the requested configuration is reused; anything else is rebuilt from
+scratch (``--force`` always rebuilds).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from svp.world.export import export_split
-from svp.world.model import WorldModelConfig, train_world_vlm
+from svp.world.gate import GateThresholds, gate_failures, gate_table, measure_gate
+from svp.world.model import VisionGateError, WorldModelConfig, train_world_vlm
 from svp.world.probes import POPE_STRATEGIES, count_questions, pope_questions, region_items
 from svp.world.scenes import generate_scenes
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "v3"
+WORLD_VERSION = "v4"
 DEFAULT_ROOT = ".cache/svp/world"
 
 
@@ -41,12 +47,27 @@ class WorldScale:
     model: WorldModelConfig
     unlabelled_scenes: int
     test_scenes: int
+    gate: GateThresholds
+    attempts: int = 3
+    """Seeds tried (``seed``, ``seed + 1``, ...) before a build that keeps failing the gate gives up."""
 
+
+# The CI model trains for seconds: its gate asks only for a tower that reads above chance (1/4
+# shapes, 1/6 colours). Its decoder is too small and too briefly trained to read shapes — it
+# names one shape for everything, as a collapsed full build does (tests check the full gate
+# refuses it) — so no generation bound applies to it.
+CI_GATE = GateThresholds(min_readout={"shape": 0.3, "colour": 0.3}, min_all_boxed=0.0, min_recall=0.0,
+                         max_hallucination=1.0, max_top_shape_share=1.0, min_pope_accuracy=0.0, scenes=16)
 
 SCALES: dict[str, WorldScale] = {
-    "full": WorldScale("full", WorldModelConfig.full(), unlabelled_scenes=1000, test_scenes=500),
-    "ci": WorldScale("ci", WorldModelConfig.ci(), unlabelled_scenes=24, test_scenes=24),
+    "full": WorldScale("full", WorldModelConfig.full(), unlabelled_scenes=1000, test_scenes=500,
+                       gate=GateThresholds()),
+    "ci": WorldScale("ci", WorldModelConfig.ci(), unlabelled_scenes=24, test_scenes=24, gate=CI_GATE),
 }
+
+
+class WorldGateError(RuntimeError):
+    """Every attempt of a build failed its quality gate."""
 
 
 @dataclass(frozen=True)
@@ -95,25 +116,29 @@ def _expected(scale: WorldScale) -> dict[str, Any]:
         "version": WORLD_VERSION,
         "scale": scale.name,
         "model_config": scale.model.to_json(),
+        "gate_thresholds": dataclasses.asdict(scale.gate),
         "splits": {"train": scale.model.train_scenes, "unlabelled": scale.unlabelled_scenes, "test": scale.test_scenes},
     }
 
 
 def ensure_world(
-    root: str | Path | None = None, scale: str = "full", force: bool = False, progress: bool = True
+    root: str | Path | None = None, scale: str | WorldScale = "full", force: bool = False, progress: bool = True
 ) -> WorldArtifacts:
-    """Build (or reuse) the ShapesWorld data exports and base VLM; returns where they are."""
-    if scale not in SCALES:
+    """Build (or reuse) the ShapesWorld data exports and the gated base VLM; returns where they are.
+
+    ``scale`` is a name from :data:`SCALES` or a :class:`WorldScale` (e.g. one with another seed or
+    precision, as ``svp world build --seed/--precision`` makes)."""
+    if isinstance(scale, str) and scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
-    spec = SCALES[scale]
-    base = version_dir(root, scale)
+    spec = SCALES[scale] if isinstance(scale, str) else scale
+    base = version_dir(root, spec.name)
     expected = _expected(spec)
     build_file = base / "build.json"
     data_dirs = {split: base / "data" / split for split in expected["splits"]}
     if not force and build_file.is_file():
         recorded = json.loads(build_file.read_text())
         if {k: recorded.get(k) for k in expected} == json.loads(json.dumps(expected)):
-            log.info("reusing ShapesWorld %s at %s", scale, base)
+            log.info("reusing ShapesWorld %s at %s", spec.name, base)
             return WorldArtifacts(base, base / "model", data_dirs, recorded)
         log.info("ShapesWorld build at %s has another configuration: rebuilding", base)
     if base.exists():
@@ -122,8 +147,44 @@ def ensure_world(
     for split, n in expected["splits"].items():
         export_split(split, n, data_dirs[split], progress=progress)
     write_vq_pairs(data_dirs["train"], spec.model.train_scenes)
-    report = train_world_vlm(base / "model", spec.model, progress=progress)
-    build = {**expected, "parameters": report.parameters, "training_seconds": report.training_seconds,
-             "final_loss": report.loss, "vision_loss": report.vision_loss}
+    build = {**expected, **train_gated(base / "model", spec, progress)}
     build_file.write_text(json.dumps(build, indent=1))
     return WorldArtifacts(base, base / "model", data_dirs, build)
+
+
+def train_gated(model_dir: Path, spec: WorldScale, progress: bool = True) -> dict[str, Any]:
+    """Train with ``spec.model.seed``, then the next seeds, until a model passes the gate; returns
+    what ``build.json`` records of the build. Raises :class:`WorldGateError` when none passes."""
+    attempts: list[dict[str, Any]] = []
+    for attempt in range(spec.attempts):
+        config = dataclasses.replace(spec.model, seed=spec.model.seed + attempt)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        try:
+            report = train_world_vlm(model_dir, config, min_readout=spec.gate.min_readout, progress=progress)
+        except VisionGateError as exc:
+            log.warning("seed %d: %s", config.seed, exc)
+            attempts.append({"seed": config.seed, "stage": "vision", "failures": [str(exc)]})
+            continue
+        gate = {**{f"readout_{k}": v for k, v in report.vision_readout.items()},
+                **measure_gate(model_dir, spec.gate, start=config.train_scenes, progress=progress)}
+        failures = gate_failures(gate, spec.gate)
+        log.info("ShapesWorld gate, seed %d:\n%s", config.seed, gate_table(gate, spec.gate))
+        if progress:
+            print(f"\nShapesWorld gate, seed {config.seed} ({spec.gate.scenes} held-out train scenes):\n"
+                  + gate_table(gate, spec.gate), flush=True)
+        attempts.append({"seed": config.seed, "stage": "gate", "failures": failures, "gate": gate})
+        if not failures:
+            return {
+                "seed": config.seed, "attempts": attempts, "gate": gate, "parameters": report.parameters,
+                "steps": report.steps, "vision_loss": report.vision_loss, "final_loss": report.loss,
+                "vision_seconds": report.vision_seconds, "tuning_seconds": report.tuning_seconds,
+                "training_seconds": report.training_seconds, "environment": report.environment,
+            }
+        log.warning("seed %d failed the gate: %s", config.seed, "; ".join(failures))
+    raise WorldGateError(
+        f"no ShapesWorld {spec.name} build passed the gate in {spec.attempts} attempts (seeds "
+        f"{spec.model.seed}..{spec.model.seed + spec.attempts - 1}):\n"
+        + "\n".join(f"  seed {a['seed']} ({a['stage']}): {'; '.join(a['failures'])}" for a in attempts)
+        + "\nNothing was cached. Report this with the machine's build environment (svp world build prints it)."
+    )

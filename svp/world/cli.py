@@ -18,15 +18,37 @@ def build(
     root: Path | None = typer.Option(None, help="World root (default: $SVP_WORLD_ROOT or .cache/svp/world)."),
     scale: str = typer.Option("full", help="'full' (the base VLM, <= 20 min on 2 CPU cores) or 'ci' (seconds)."),
     force: bool = typer.Option(False, help="Rebuild even when a matching build exists."),
+    seed: int | None = typer.Option(None, help="First seed of the build (default: the scale's, 0)."),
+    precision: str = typer.Option("auto", help="Stage 2's decoder: 'auto' (bfloat16 where the CPU has it natively), "
+                                               "'bf16' or 'float32'."),
 ) -> None:
-    """Build (or reuse) the versioned data exports and the base VLM; prints where they are."""
-    from svp.world.build import ensure_world
+    """Build (or reuse) the versioned data exports and the gated base VLM; prints where they are and the gate."""
+    import dataclasses
 
-    world = ensure_world(root, scale=scale, force=force)
+    from svp.world.build import SCALES, WorldGateError, ensure_world
+    from svp.world.gate import gate_table
+
+    if scale not in SCALES:
+        raise typer.BadParameter(f"unknown scale {scale!r}; known: {', '.join(SCALES)}", param_hint="--scale")
+    bf16 = {"auto": None, "bf16": True, "float32": False}
+    if precision not in bf16:
+        raise typer.BadParameter("must be auto, bf16 or float32", param_hint="--precision")
+    spec = SCALES[scale]
+    model = dataclasses.replace(spec.model, bf16=bf16[precision],
+                                seed=spec.model.seed if seed is None else seed)
+    try:
+        world = ensure_world(root, scale=dataclasses.replace(spec, model=model), force=force)
+    except WorldGateError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    b = world.build
+    typer.echo(gate_table(b["gate"], spec.gate))
     typer.echo(json.dumps({"root": str(world.root), "model": str(world.model_dir),
                            "data": {k: str(v) for k, v in world.data_dirs.items()},
-                           "parameters": world.build.get("parameters"),
-                           "training_seconds": world.build.get("training_seconds")}, indent=1))
+                           "seed": b["seed"], "parameters": b["parameters"], "steps": b["steps"],
+                           "vision_seconds": round(b["vision_seconds"], 1),
+                           "tuning_seconds": round(b["tuning_seconds"], 1), "environment": b["environment"]},
+                          indent=1))
 
 
 @world_app.command("export")
@@ -74,6 +96,8 @@ def premise(
     n: int = typer.Option(100, min=1, help="Test scenes."),
     k: int = typer.Option(4, min=1, help="Prior samples per scene."),
     temperature: float = typer.Option(1.0, min=0.01),
+    partial_matches: bool = typer.Option(True, help="--no-partial-matches: the strict detector (no box for a "
+                                                    "phrase with a wrong attribute)."),
     out: Path | None = typer.Option(None, help="Write the results as JSON here."),
 ) -> None:
     """Object recall / hallucination of prior samples vs grounded samples (detector boxes of the prior's phrases)."""
@@ -81,7 +105,7 @@ def premise(
     from svp.models.loading import load_vlm
     from svp.world.premise import premise_check
 
-    results = premise_check(load_vlm(model), n_scenes=n, k=k, temperature=temperature)
+    results = premise_check(load_vlm(model), n_scenes=n, k=k, temperature=temperature, partial_matches=partial_matches)
     typer.echo(format_table(results))
     if out is not None:
         out.write_text(json.dumps(results, indent=1))

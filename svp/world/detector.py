@@ -11,8 +11,15 @@ Classical vision, in four steps:
    them on top, a diamond ~1/2); size from its longest side relative to the image;
 4. phrases ("large red circle", "circles", "a blue object") select the objects whose every named
    attribute matches; the box label is the phrase, the score how clearly the pixels agree with
-   the named attributes. A phrase that names no colour and no shape of the domain, or an object
-   that is not there, gets no box.
+   the named attributes. A phrase that names no colour and no shape of the domain gets no box.
+   A phrase that matches no object fully gets, as GroundingDINO gives it, the best *partial*
+   match: an object that differs in exactly one named attribute ("small orange triangle" where a
+   small orange circle stands), labelled with the phrase as queried, at ``PARTIAL_MATCH_SCORE``
+   times its confidence; a wrong size is the nearest miss, then a wrong shape, then a wrong
+   colour (colour is what such detectors match most surely). GroundingDINO scores a region by its similarity to the phrase's tokens,
+   so a region that matches most of the words still scores, lower, and keeps the queried label:
+   grounding a wrong prior phrase boxes the thing it was probably about, and the wrong word
+   reaches the grounded prompt. ``partial_matches=False`` gives the strict detector.
 
 ``ShapesDetector().detect(image, phrases) -> list[svp.contract.Box]`` is the API the grounder
 service serves as its ``shapesworld`` backend.
@@ -44,6 +51,10 @@ SHAPE_PROTOTYPES: dict[str, tuple[float, float]] = {
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)
 _COLOUR_NAMES = list(COLOURS)
 _WORDS = re.compile(r"[a-z]+")
+# Half the confidence of a full match: with the grounder's box threshold of 0.35, a partial match
+# of a clearly read object (confidence > 0.7) is kept, an ambiguous one is not.
+PARTIAL_MATCH_SCORE = 0.5
+PARTIAL_MISS_ORDER = ("size", "shape", "colour")
 
 
 @dataclass(frozen=True)
@@ -82,13 +93,19 @@ class PhraseQuery:
                 shape = singular
         return cls(size, colour, shape)
 
-    def matches(self, d: Detection) -> bool:
+    def mismatches(self, d: Detection) -> list[str] | None:
+        """The named attributes ``d`` lacks; ``None`` if the phrase names no colour and no shape."""
         if self.colour is None and self.shape is None:
-            return False
-        return all(
-            want is None or want == have
-            for want, have in ((self.size, d.size), (self.colour, d.colour), (self.shape, d.shape))
-        )
+            return None
+        return [name for name, want, have in (("size", self.size, d.size), ("shape", self.shape, d.shape),
+                                              ("colour", self.colour, d.colour)) if want is not None and want != have]
+
+    def matches(self, d: Detection) -> bool:
+        return self.mismatches(d) == []
+
+    def confidence(self, d: Detection) -> float:
+        """How clearly the pixels show the attributes the phrase names (size is exact)."""
+        return min(d.colour_confidence if self.colour else 1.0, d.shape_confidence if self.shape else 1.0)
 
 
 def _margin_confidence(best: float, second: float) -> float:
@@ -98,6 +115,9 @@ def _margin_confidence(best: float, second: float) -> float:
 
 class ShapesDetector:
     """Colour segmentation + shape classification for ShapesWorld scenes of any resolution."""
+
+    def __init__(self, partial_matches: bool = True):
+        self.partial_matches = partial_matches
 
     def detect_objects(self, image: Image.Image) -> list[Detection]:
         """Every object in the image, in reading order (top to bottom, left to right)."""
@@ -143,19 +163,24 @@ class ShapesDetector:
         """Boxes of the objects each phrase names (label = the phrase as given, stripped).
 
         Score = the classification confidence of the attributes the phrase names (colour,
-        shape), in [0.5, 1]; objects matching no phrase and phrases matching no object give nothing.
+        shape), in [0.5, 1]; a phrase that matches no object fully gets its best partial match
+        at ``PARTIAL_MATCH_SCORE`` times that (see the module docstring), or nothing.
         """
         detections = self.detect_objects(image)
         boxes: list[Box] = []
         for phrase in phrases:
             label = phrase.strip()
             query = PhraseQuery.parse(label)
-            for d in detections:
-                if not label or not query.matches(d):
-                    continue
-                score = min(
-                    d.colour_confidence if query.colour else 1.0,
-                    d.shape_confidence if query.shape else 1.0,
-                )
-                boxes.append(Box(label=label, xyxy=d.xyxy, score=round(score, 4)))
+            if not label:
+                continue
+            full = [d for d in detections if query.matches(d)]
+            for d in full:
+                boxes.append(Box(label=label, xyxy=d.xyxy, score=round(query.confidence(d), 4)))
+            if full or not self.partial_matches:
+                continue
+            near = {d: missed[0] for d in detections if len(missed := query.mismatches(d) or []) == 1}
+            if near:
+                best = min(near, key=lambda d: (PARTIAL_MISS_ORDER.index(near[d]), -query.confidence(d)))
+                boxes.append(Box(label=label, xyxy=best.xyxy,
+                                 score=round(PARTIAL_MATCH_SCORE * query.confidence(best), 4)))
         return boxes

@@ -24,15 +24,17 @@ from svp.world.scenes import generate_scenes
 log = logging.getLogger(__name__)
 
 NMS_IOU = 0.5
+BOX_THRESHOLD = 0.35  # the grounder service's default
 
 
 def premise_check(
     vlm: LoadedVLM, split: str = "test", n_scenes: int = 100, k: int = 4, temperature: float = 1.0, seed: int = 0,
-    options: EvalOptions = EvalOptions(),
+    options: EvalOptions = EvalOptions(), partial_matches: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """``{"prior": object metrics, "grounded": object metrics, "grounding": box statistics}``."""
+    """``{"prior": object metrics, "grounded": object metrics, "grounding": box statistics}``;
+    ``partial_matches``: the detector's (see :mod:`svp.world.detector`)."""
     scenes = generate_scenes(split, n_scenes)
-    detector = ShapesDetector()
+    detector = ShapesDetector(partial_matches=partial_matches)
     images = [s.render() for s in scenes for _ in range(k)]
     keys = [f"{s.scene_id}/{j}" for s in scenes for j in range(k)]
     truths = {key: Counter(o.kind for o in scenes[i // k].objects) for i, key in enumerate(keys)}
@@ -41,7 +43,8 @@ def premise_check(
     n_boxes = 0
     for image, prior in zip(images, priors, strict=True):
         phrases = extract_phrases(prior)
-        boxes = nms(detector.detect(image, phrases), NMS_IOU) if phrases else []
+        found = [b for b in detector.detect(image, phrases) if b.score > BOX_THRESHOLD] if phrases else []
+        boxes = nms(found, NMS_IOU)
         n_boxes += len(boxes)
         contexts.append(render_context(boxes))
     grounded = caption_images(vlm, images, contexts, options, temperature=temperature, seed=seed + 1,

@@ -164,6 +164,18 @@ def test_adapters_load_by_name_and_switch(model_dir, tmp_path):
         pass
 
 
+def test_full_feature_strategy_gives_the_decoder_the_cls_token_too(tmp_path):
+    vlm = load_vlm(build_tiny_vlm(tmp_path / "full", "llava", seed=0, vision_feature_select_strategy="full"))
+    inputs = vlm.prompt_inputs(Image.new("RGB", (48, 40), "red"), "base")
+    assert inputs.input_ids.tolist().count(vlm.image_token_id) == 16 + 1
+    # transformers checks that the image features fill exactly the prompt's image tokens
+    out = vlm.model.generate(input_ids=inputs.input_ids[None], **inputs.vision, max_new_tokens=3, do_sample=False,
+                             min_new_tokens=3)
+    assert out.shape[1] == len(inputs) + 3
+    with pytest.raises(ValueError, match="'default' or 'full'"):
+        build_tiny_vlm(tmp_path / "bad", "llava", vision_feature_select_strategy="cls")
+
+
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelNotFoundError, match="nowhere"):
         load_vlm(tmp_path / "nowhere")

@@ -19,9 +19,9 @@ def test_boxes_and_attributes_match_ground_truth_on_test_scenes():
     assert attributes / n >= 0.99
 
 
-def test_detect_returns_contract_boxes_for_named_objects_only():
+def test_strict_detect_returns_contract_boxes_for_named_objects_only():
     scene = generate_scene("test", 3)  # small red diamond (top), small green triangle (bottom)
-    detector = ShapesDetector()
+    detector = ShapesDetector(partial_matches=False)
     image = scene.render()
     red, green = scene.objects
     boxes = detector.detect(image, ["small red diamond", "green triangle", "blue circle", "large red diamond"])
@@ -34,6 +34,28 @@ def test_detect_returns_contract_boxes_for_named_objects_only():
     # the detector reads pixels: a resized image gives the same normalised boxes
     big = detector.detect(image.resize((192, 192), 0), ["red diamond"])
     assert box_iou(big[0].xyxy, red.box) > 0.99
+
+
+def test_a_phrase_with_one_wrong_attribute_boxes_its_best_partial_match_at_half_score():
+    scene = generate_scene("test", 3)  # small red diamond (top), small green triangle (bottom)
+    red, green = scene.objects
+    image = scene.render()
+    strict = {b.label: b for b in ShapesDetector(partial_matches=False).detect(image, ["small red diamond"])}
+    boxes = ShapesDetector().detect(image, ["small red triangle", "large red diamond", "small green diamond",
+                                            "blue circle", "small red diamond"])
+    by_label = {b.label: b for b in boxes}
+    # one wrong word (shape, size or colour): the object it was about, labelled as queried; the
+    # green triangle misses "small red triangle" by its colour, the red diamond by its shape only
+    assert box_iou(by_label["small red triangle"].xyxy, red.box) > 0.99
+    assert box_iou(by_label["large red diamond"].xyxy, red.box) > 0.99
+    assert box_iou(by_label["small green diamond"].xyxy, green.box) > 0.99
+    # two wrong words: nothing; a full match is found as before, at full score
+    assert "blue circle" not in by_label
+    assert by_label["small red diamond"].score == strict["small red diamond"].score
+    # a partial match scores half what the object's full match would (size is read exactly)
+    assert by_label["large red diamond"].score == round(0.5 * strict["small red diamond"].score, 4)
+    # a phrase that matches some object fully gets no partial matches besides
+    assert [b.label for b in ShapesDetector().detect(image, ["red diamond"])] == ["red diamond"]
 
 
 def test_phrase_query_parsing():

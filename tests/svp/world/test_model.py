@@ -19,6 +19,8 @@ from svp.world.model import (
     PromptEncoder,
     WorldModelConfig,
     answer_loss,
+    cell_targets,
+    kinds_present,
     obscure_shapes,
     pixel_tensor,
     prefix_length,
@@ -55,6 +57,52 @@ def test_build_writes_versioned_layout_and_is_reused(world):
     report = json.loads((world.model_dir / "train_report.json").read_text())
     # training lowered the answer loss from about log(vocab) at initialisation
     assert report["loss"] < 4.0 and report["parameters"] > 0
+    # build.json says what ran, on what, and the gate it passed
+    build = json.loads((world.root / "build.json").read_text())
+    assert build["steps"] == WorldModelConfig.ci().steps and build["seed"] == 0
+    assert build["environment"]["versions"]["torch"] == torch.__version__
+    assert build["environment"]["precision"] in ("float32", "bfloat16 autocast (decoder)")
+    assert build["attempts"][-1]["failures"] == [] and "all_boxed" in build["gate"]
+
+
+def test_stage_one_reads_shape_and_colour_above_chance(world):
+    """A collapsed tower reads content at the attributes' prior (shape 1/4, colour 1/6): the
+    held-out read-out of even the seconds-scale tower must be clearly above it."""
+    gate = world.build["gate"]
+    assert gate["readout_shape"] > 0.25 + 0.1
+    assert gate["readout_colour"] > 1 / 6 + 0.1
+    assert gate["readout_occupied"] > 0.7
+
+
+def test_a_build_that_fails_the_gate_is_retried_with_the_next_seed_then_refused(tmp_path):
+    from svp.world.build import SCALES, WorldGateError, ensure_world
+    from svp.world.gate import GateThresholds
+
+    spec = SCALES["ci"]
+    impossible = dataclasses.replace(spec, attempts=2, gate=GateThresholds(min_readout={"shape": 1.01}, scenes=4))
+    with pytest.raises(WorldGateError, match=r"2 attempts \(seeds 0..1\)") as failed:
+        ensure_world(tmp_path, scale=impossible, progress=False)
+    assert "seed 0 (vision)" in str(failed.value) and "seed 1 (vision)" in str(failed.value)
+    assert "shape" in str(failed.value)
+    assert not (tmp_path / f"{WORLD_VERSION}-ci" / "build.json").exists()  # nothing is cached
+
+
+def test_gate_refuses_a_model_that_names_one_shape_for_everything():
+    from svp.world.gate import GateThresholds, gate_failures, gate_table, top_shape_share
+
+    collapsed = ["In the image, at the top there is a large red triangle and a small blue triangle.",
+                 "In the image, there is a green triangle.", "At the left there are two red circles."]
+    # mentions: triangle x3, circle x2 (a count word asserts two)
+    assert top_shape_share(collapsed) == pytest.approx(3 / 5)
+    assert top_shape_share(collapsed[:2]) == 1.0 and top_shape_share(["In the image, at the image,"]) == 0.0
+    thresholds = GateThresholds()
+    sound = {"readout_shape": 0.97, "readout_colour": 0.999, "all_boxed": 0.92, "recall": 0.6,
+             "hallucination": 0.1, "top_shape_share": 0.3, "pope_accuracy_min": 0.7}
+    assert gate_failures(sound, thresholds) == []
+    failures = gate_failures({**sound, "top_shape_share": 1.0, "readout_shape": 0.25}, thresholds)
+    assert [f.split()[0] for f in failures] == ["readout_shape", "top_shape_share"]
+    table = gate_table({**sound, "top_shape_share": 1.0}, thresholds)
+    assert "top_shape_share" in table and "FAIL" in table and table.count("pass") == len(sound) - 1
 
 
 def test_training_inputs_are_what_inference_builds(vlm):
@@ -143,6 +191,17 @@ def test_base_captions_of_busy_scenes_leave_out_small_objects(vlm):
     complete = ExampleSampler(scenes, PromptEncoder(vlm.processor),
                               dataclasses.replace(config, omit_small_in_busy=0.0))
     assert all(complete.base_caption_objects(s) == list(s.objects) for s in scenes)
+
+
+def test_presence_targets_are_the_kinds_of_each_scene():
+    from svp.world.scenes import COLOURS, SHAPES
+
+    scenes = generate_scenes("train", 30)
+    present = kinds_present(cell_targets(scenes))
+    kinds = [f"{c} {s}" for s in SHAPES for c in COLOURS]  # shape-major, as the cell targets' indices
+    for scene, row in zip(scenes, present, strict=True):
+        assert {kinds[i] for i in row.nonzero().flatten().tolist()} == {o.kind for o in scene.objects}
+    assert set(present.unique().tolist()) == {0.0, 1.0}
 
 
 def test_obscured_objects_keep_their_place_and_lose_their_outline():

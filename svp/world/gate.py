@@ -1,0 +1,94 @@
+"""The quality gate a ShapesWorld base VLM passes before ``svp world build`` caches it.
+
+A build can look fine (it ran every step, its loss fell) and still be useless: a vision tower
+that stopped reading shapes gives a decoder that calls every object a "triangle". The gate
+measures, on train-split scenes the model never trained on (indices past ``train_scenes``, apart
+from the test split the demo reports on):
+
+- stage 1's held-out read-out of shape and colour (from :class:`svp.world.model.VisionReport`);
+- ``all_boxed``: with every object boxed in ``<context>``, the share of boxed objects the greedy
+  caption gets right — whether the model uses its grounding, which is what SVP relies on;
+- base-prompt object recall and hallucination rate;
+- ``top_shape_share``: the share of the most frequent shape word among all mentions — a collapsed
+  model names one shape for everything;
+- POPE accuracy, the lowest of its three splits.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from svp.evaluation.suite import EvalOptions, evaluate_world
+from svp.world.language import mentioned_objects
+
+Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    min_readout: dict[str, float] = field(default_factory=lambda: {"shape": 0.85, "colour": 0.95})
+    """Stage 1's held-out read-out, checked before stage 2 starts."""
+    min_all_boxed: float = 0.85
+    min_recall: float = 0.35
+    max_hallucination: float = 0.35
+    max_top_shape_share: float = 0.6
+    min_pope_accuracy: float = 0.5
+    scenes: int = 100
+
+    def bounds(self) -> dict[str, tuple[str, float]]:
+        """metric -> (">=" or "<=", bound), in table order."""
+        return {
+            **{f"readout_{k}": (">=", v) for k, v in self.min_readout.items()},
+            "all_boxed": (">=", self.min_all_boxed),
+            "recall": (">=", self.min_recall),
+            "hallucination": ("<=", self.max_hallucination),
+            "top_shape_share": ("<=", self.max_top_shape_share),
+            "pope_accuracy_min": (">=", self.min_pope_accuracy),
+        }
+
+
+def top_shape_share(captions: list[str]) -> float:
+    """Share of the most frequent shape among every object the captions mention (0 if none)."""
+    shapes: Counter[str] = Counter()
+    for caption in captions:
+        for kind, n in mentioned_objects(caption).items():
+            shapes[kind.split()[-1]] += n
+    return max(shapes.values()) / sum(shapes.values()) if shapes else 0.0
+
+
+def measure_gate(model_dir: str | Path, thresholds: GateThresholds, start: int, progress: bool = True) -> Metrics:
+    """The gate's generation metrics of the model saved in ``model_dir`` on train scenes
+    ``start..start+n-1`` (stage 1's read-out comes from its own report)."""
+    from svp.models.loading import load_vlm
+
+    results, texts = evaluate_world(load_vlm(str(model_dir)), "train", thresholds.scenes,
+                                    ("caption", "grounded", "pope"), EvalOptions(meteor=False, progress=progress),
+                                    start=start)
+    return {
+        "all_boxed": results["grounded_all_boxed"]["boxed_object_accuracy"],
+        "recall": results["objects"]["object_recall"],
+        "hallucination": results["objects"]["hallucination_rate"],
+        "top_shape_share": top_shape_share(texts["caption"] + texts["grounded"]),
+        "pope_accuracy_min": min(results[k]["accuracy"] for k in results if k.startswith("pope_")),
+    }
+
+
+def gate_failures(metrics: Metrics, thresholds: GateThresholds) -> list[str]:
+    """One line per metric outside its bound (empty: the gate passes)."""
+    failures = []
+    for name, (op, bound) in thresholds.bounds().items():
+        if name in metrics and not (metrics[name] >= bound if op == ">=" else metrics[name] <= bound):
+            failures.append(f"{name} {metrics[name]:.3f} (needs {op} {bound})")
+    return failures
+
+
+def gate_table(metrics: Metrics, thresholds: GateThresholds) -> str:
+    """The gate as a plain-text table: metric, value, bound, pass/FAIL."""
+    lines = [f"{'gate metric':<20}{'value':>8}  {'bound':<8}  ", "-" * 44]
+    for name, (op, bound) in thresholds.bounds().items():
+        if name in metrics:
+            ok = not gate_failures({name: metrics[name]}, thresholds)
+            lines.append(f"{name:<20}{metrics[name]:>8.3f}  {op} {bound:<5}  {'pass' if ok else 'FAIL'}")
+    return "\n".join(lines)
