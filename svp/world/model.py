@@ -493,7 +493,8 @@ def pretrain_vision(
     params += list(presence_head.parameters()) if presence_head is not None else []
     opt = torch.optim.AdamW(params, lr=config.vision_lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
-    layer = int(model.config.vision_feature_layer)
+    layer = model.config.vision_feature_layer
+    assert isinstance(layer, int), "ShapesWorld's tower feeds one layer (-2) to the projector"
     loss_value = float("nan")
     tower.train()
     bar = tqdm(range(config.vision_steps), desc="vision pre-training", disable=not progress)
