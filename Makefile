@@ -6,7 +6,27 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench
+# The Compose Specification's JSON schema ships inside this wheel (compose/config/compose_spec.json);
+# tests/deploy validates docker-compose.yml against it. Nothing from it is installed or run.
+COMPOSE_WHEEL := .cache/wheels/docker_compose-1.29.2-py2.py3-none-any.whl
+
+.PHONY: setup prerequisites demo test lint bench
+
+# What the stack and the evaluation need beyond Python, checked before anything long starts:
+# redis-server (the broker and run store) and a Java runtime (pycocoevalcap's tokenizer). As root
+# with apt-get, they are installed; otherwise the command to run is printed.
+prerequisites:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v java >/dev/null || missing="$$missing default-jre-headless"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "SVP needs$$missing; install with: sudo apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	fi
 
 $(BIN)/svp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,7 +36,10 @@ $(BIN)/svp: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(BIN)/svp
 
-setup: $(BIN)/svp
+$(COMPOSE_WHEEL): | $(BIN)/svp
+	$(BIN)/pip download -q --no-deps -d $(dir $@) docker-compose==1.29.2
+
+setup: prerequisites $(BIN)/svp $(COMPOSE_WHEEL)
 
 demo: setup
 	$(BIN)/svp demo

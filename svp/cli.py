@@ -60,6 +60,22 @@ def serve(
     uvicorn.run(f"{SERVICE_APPS[service]}:create_app", factory=True, host=host, port=port, log_level="info")
 
 
+@app.command()
+def healthcheck(
+    url: str = typer.Argument("http://127.0.0.1:8000/readyz", help="A service's /healthz or /readyz."),
+    timeout: float = typer.Option(5.0, help="Seconds to wait for the answer."),
+) -> None:
+    """Exit 0 when ``url`` answers 200, 1 otherwise: the container healthcheck (images carry no curl)."""
+    import httpx
+
+    try:
+        ok = httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    if not ok:
+        raise typer.Exit(1)
+
+
 app.add_typer(world_app, name="world")
 app.command("eval")(eval_command)
 app.command("demo")(demo_command)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from svp.client import GatewayClient
 from svp.contract import RunCreate, RunPublic
 from svp.evaluation.intervals import Interval, intervals_table, object_intervals, scene_counts
-from svp.stack import LocalStack, StackSpec
+from svp.stack import LocalStack, StackSpec, require_prerequisites
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ def up_command(
     workers: int = typer.Option(2, help="Worker threads."),
 ) -> None:
     """Start redis-server, the four services, a Celery worker and the gateway locally; Ctrl-C stops them."""
+    require_prerequisites()
     api_key = api_key or secrets.token_urlsafe(24)
     spec = stack_spec(work_dir, data_root, artifact_root, model, api_key, workers, grounder_backend, grounder_model)
     stack = LocalStack(spec)
@@ -202,6 +203,11 @@ def demo_command(
     """One SVP round on ShapesWorld through the real REST API, then base vs adapted on held-out scenes."""
     _quiet_http_logs()
     from svp.world.build import ensure_world
+
+    try:
+        require_prerequisites()  # before a 20-minute world build, not after it
+    except RuntimeError as exc:
+        raise typer.Exit(_fail(str(exc))) from exc
 
     started = time.perf_counter()
     timings: dict[str, float] = {}

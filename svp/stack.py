@@ -28,6 +28,19 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_SERVICES = ("sampler", "scorer", "grounder", "trainer")
 
 
+# Programs beyond Python that a local stack and its evaluation run: the broker and run store, and
+# pycocoevalcap's Java tokenizer. `make setup` installs them (as root) or says how.
+PREREQUISITES = {"redis-server": "redis-server", "java": "default-jre-headless"}
+
+
+def require_prerequisites() -> None:
+    """Raise, before any long work starts, when a program the stack needs is not on the PATH."""
+    missing = [package for program, package in PREREQUISITES.items() if shutil.which(program) is None]
+    if missing:
+        raise RuntimeError(f"missing {', '.join(missing)}: run `make setup` as root, or "
+                           f"`sudo apt-get install -y {' '.join(missing)}`")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

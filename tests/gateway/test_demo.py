@@ -36,3 +36,17 @@ def test_demo_runs_one_round_and_reports_base_vs_svp(tmp_path: Path) -> None:
     assert run["state"] == "succeeded" and run["rounds"][0]["images_done"] == 8
     assert run["rounds"][0]["adapter"] == f"run-{run['id']}-r1"
     assert {"stack_start_s", "run_s[SVP]", "eval_s", "total_s"} <= set(results["timings"])
+
+
+def test_demo_without_redis_server_says_so_before_building_anything(tmp_path: Path) -> None:
+    """A fresh machine without the prerequisites: the demo stops in seconds with the command to run,
+    instead of after a 20-minute world build."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "svp.cli", "demo", "--scale", "ci", "--world-root", str(tmp_path / "world"),
+         "--work-dir", str(tmp_path / "demo")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1
+    assert "missing redis-server, default-jre-headless" in done.stderr and "make setup" in done.stderr
+    assert not (tmp_path / "world").exists() and not (tmp_path / "demo").exists()
