@@ -12,6 +12,7 @@ import base64
 import io
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(422, message, "invalid_request_error", param), status_code=422)
 
     @app.exception_handler(Exception)
-    async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body(500, f"internal error: {exc}", "internal_error"), status_code=500)
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        # The exception's text may hold paths, settings or other clients' data: it goes to the
+        # log under a request id, and only the id goes to the client.
+        request_id = uuid.uuid4().hex
+        log.error("unhandled error in %s %s (request %s)", request.method, request.url.path, request_id,
+                  exc_info=exc)
+        return JSONResponse(error_body(500, f"internal error (request {request_id})", "internal_error"),
+                            status_code=500, headers={"X-Request-ID": request_id})
 
 
 class ServiceMetrics:
