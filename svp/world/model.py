@@ -150,11 +150,13 @@ class WorldModelConfig:
     pre-trained to say which colour-shape kinds the scene holds. From per-cell features alone the
     decoder never learned POPE: at the answer position a linear probe read yes/no at 0.52-0.59
     (V3, 800 balanced test questions), because "is there a red circle" asks for a conjunction that
-    one attention score over cells cannot test. From V3, 800 fine-tuning steps took balanced POPE
-    accuracy 0.50 -> 0.57 with this token and left it at chance without."""
+    one attention score over cells cannot test. From V3, 800 POPE-heavy fine-tuning steps took
+    balanced POPE accuracy 0.50 -> 0.57 with this token and left it at chance without. In full v4
+    builds (13 % POPE examples) it is not enough: POPE stays at 0.49-0.50 (seeds 0 and 1), while
+    the held-out presence read-out of CLS is 0.988 — the decoder does not yet use it."""
     threads: int = 2
-    """torch threads. Alone on a 2-core machine, stage 2 ran 0.78 s a step with two and 1.19 s with
-    one: within the cap, 1392 steps instead of 959. On a machine shared with other work one is faster."""
+    """torch threads: speed only, never what is trained. Alone on a 2-core machine, stage 2 ran
+    0.78 s a step with two and 1.19 s with one; on a machine shared with other work one is faster."""
     seed: int = 0
 
     @classmethod
