@@ -15,8 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from gateway.store import ImageResult
-from svp.contract import ArtifactPublic, ArtifactsPublic, RunPublic
+from svp.contract import ArtifactPublic, ArtifactsPublic, ImageResult, RunPublic
 from svp.prompts import PAPER_PROMPTS
 from svp.service import not_found, resolve_under
 

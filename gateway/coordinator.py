@@ -34,9 +34,9 @@ from gateway.artifacts import write_report, write_round_files
 from gateway.celery_app import FINISH_ROUND, POLL_TRAINING, PROCESS_IMAGE, START_ROUND, make_celery
 from gateway.inner_loop import InnerLoop, SamplingParams, ServiceClients, is_transient
 from gateway.settings import Settings
-from gateway.store import TERMINAL, ImageResult, RunNotFound, RunStore
+from gateway.store import TERMINAL, RunNotFound, RunStore
 from svp.client import APIError
-from svp.contract import ImageInput, TrainingJobCreate
+from svp.contract import ImageInput, ImageResult, TrainingJobCreate
 from svp.training.presets import get_preset
 
 log = logging.getLogger(__name__)

@@ -22,14 +22,15 @@ import httpx
 import redis
 
 from gateway.settings import Settings
-from gateway.store import GroundedCandidate, ImageResult
 from svp.client import APIError, GrounderClient, SamplerClient, ScorerClient, TrainerClient
 from svp.contract import (
     Box,
+    GroundedCandidate,
     GroundingItem,
     GroundingRequest,
     GroundingResult,
     ImageInput,
+    ImageResult,
     ISVPRequest,
     ISVPResponse,
     Normalization,

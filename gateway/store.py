@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import redis
-from pydantic import BaseModel, Field
 
 from svp.contract import (
-    Box,
-    FinishReason,
+    ImageResult,
     RoundPublic,
     RunCreate,
     RunEvent,
@@ -50,56 +48,30 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 MAX_EVENTS = 10_000
 
 
-class GroundedCandidate(BaseModel):
-    """One candidate of an image: its text, the grounding it was sampled with, and its score."""
+def counter_increments(result: ImageResult, grounded: bool) -> dict[str, Any]:
+    """The round counters this result adds (applied once, with the result's first write).
 
-    index: int
-    text: str
-    finish_reason: FinishReason
-    boxes: list[Box] = []
-    score: float | None = None
-    token_count: int = 0
-
-
-class ImageResult(BaseModel):
-    """What the inner loop produced for one (run, round, image). Stored, not sent between services."""
-
-    image: str = Field(description="Path relative to the data root.")
-    index: int
-    round: int
-    adapter: str | None = Field(description="Adapter the sampler reports it sampled with (None: base model).")
-    status: Literal["done", "failed", "skipped"] = "done"
-    prior: list[str] = []
-    candidates: list[GroundedCandidate] = []
-    selected: list[int] = Field(default=[], description="Candidate indices kept, best first.")
-    dropped: dict[int, str] = {}
-    error: str | None = None
-    timings: dict[str, float] = {}
-
-    def counter_increments(self, grounded: bool) -> dict[str, Any]:
-        """The round counters this result adds (applied once, with the result's first write).
-
-        ``grounded`` is False for the self-captioning ablation, whose candidates are the prior samples.
-        """
-        scored = [c.score for c in self.candidates if c.score is not None]
-        selected_scores = [s for s in (self.candidates[i].score for i in self.selected) if s is not None]
-        incr = {
-            "images_done": 1,
-            "images_failed": int(self.status == "failed"),
-            "prior_samples": len(self.prior),
-            "groundings": len(self.candidates) if grounded else 0,
-            "grounded_samples": len(self.candidates) if grounded else 0,
-            "scored": len(scored),
-            "selected": len(self.selected),
-            "dropped_degenerate": len(self.dropped),
-            "selected_scored": len(selected_scores),
-        }
-        return {
-            "incr": incr,
-            "incrfloat": {"score_sum": float(sum(scored)), "selected_sum": float(sum(selected_scores))},
-            "min": {"score_min": min(scored)} if scored else {},
-            "max": {"score_max": max(scored)} if scored else {},
-        }
+    ``grounded`` is False for the self-captioning ablation, whose candidates are the prior samples.
+    """
+    scored = [c.score for c in result.candidates if c.score is not None]
+    selected_scores = [s for s in (result.candidates[i].score for i in result.selected) if s is not None]
+    incr = {
+        "images_done": 1,
+        "images_failed": int(result.status == "failed"),
+        "prior_samples": len(result.prior),
+        "groundings": len(result.candidates) if grounded else 0,
+        "grounded_samples": len(result.candidates) if grounded else 0,
+        "scored": len(scored),
+        "selected": len(result.selected),
+        "dropped_degenerate": len(result.dropped),
+        "selected_scored": len(selected_scores),
+    }
+    return {
+        "incr": incr,
+        "incrfloat": {"score_sum": float(sum(scored)), "selected_sum": float(sum(selected_scores))},
+        "min": {"score_min": min(scored)} if scored else {},
+        "max": {"score_max": max(scored)} if scored else {},
+    }
 
 
 # HSETNX the result; only if it won, apply the counter increments (cjson-encoded ARGV[3]).
@@ -265,7 +237,7 @@ class RunStore:
         grounded = self.config(run_id).grounding
         written = self._record(
             keys=[f"{self._round(run_id, result.round)}:results", self._round(run_id, result.round)],
-            args=[str(result.index), result.model_dump_json(), json.dumps(result.counter_increments(grounded))],
+            args=[str(result.index), result.model_dump_json(), json.dumps(counter_increments(result, grounded))],
         )
         return bool(written)
 

@@ -386,6 +386,34 @@ class ScoreSummary(BaseModel):
     selected_mean: float | None = None
 
 
+class GroundedCandidate(BaseModel):
+    """One candidate of an image: its text, the grounding it was sampled with, and its score."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason
+    boxes: list[Box] = []
+    score: float | None = None
+    token_count: int = 0
+
+
+class ImageResult(BaseModel):
+    """What the inner loop produced for one (run, round, image): stored by the gateway, read back
+    by reports (``candidates.jsonl``); not sent between services."""
+
+    image: str = Field(description="Path relative to the data root.")
+    index: int
+    round: int
+    adapter: str | None = Field(description="Adapter the sampler reports it sampled with (None: base model).")
+    status: Literal["done", "failed", "skipped"] = "done"
+    prior: list[str] = []
+    candidates: list[GroundedCandidate] = []
+    selected: list[int] = Field(default=[], description="Candidate indices kept, best first.")
+    dropped: dict[int, str] = {}
+    error: str | None = None
+    timings: dict[str, float] = {}
+
+
 class RoundPublic(BaseModel):
     round: int
     images_done: int = 0

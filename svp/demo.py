@@ -18,7 +18,7 @@ import typer
 from tqdm import tqdm
 
 from svp.client import GatewayClient
-from svp.contract import RunCreate, RunPublic
+from svp.contract import ImageResult, RunCreate, RunPublic
 from svp.evaluation.intervals import Interval, intervals_table, object_intervals, scene_counts
 from svp.stack import LocalStack, StackSpec, require_prerequisites
 
@@ -356,7 +356,6 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gateway.store import ImageResult
 
     svp_run = runs["SVP"]
     out = artifact_root / "demo" / svp_run.id

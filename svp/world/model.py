@@ -155,7 +155,8 @@ class WorldModelConfig:
     builds (13 % POPE examples) it is not enough: POPE stays at 0.49-0.50 (seeds 0 and 1), while
     the held-out presence read-out of CLS is 0.988 — the decoder does not yet use it."""
     threads: int = 2
-    """torch threads: speed only, never what is trained. Alone on a 2-core machine, stage 2 ran
+    """torch threads: speed only — steps, data and schedule are the same for any count (float sums
+    may round differently). Alone on a 2-core machine, stage 2 ran
     0.78 s a step with two and 1.19 s with one; on a machine shared with other work one is faster."""
     seed: int = 0
 

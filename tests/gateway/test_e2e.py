@@ -14,9 +14,8 @@ import httpx
 import pytest
 
 from gateway.inner_loop import derive_seed
-from gateway.store import ImageResult
 from svp.client import GatewayClient, SamplerClient
-from svp.contract import ImageInput, ISVPRequest, RunCreate, RunPublic, SampleRequest, TrainingConfig
+from svp.contract import ImageInput, ImageResult, ISVPRequest, RunCreate, RunPublic, SampleRequest, TrainingConfig
 from svp.demo import stack_spec
 from svp.prompts import PAPER_PROMPTS
 from svp.stack import LocalStack

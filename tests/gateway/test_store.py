@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from gateway.store import TERMINAL, TRANSITIONS, GroundedCandidate, ImageResult, RunStore
-from svp.contract import Box, RunCreate
+from gateway.store import TERMINAL, TRANSITIONS, RunStore
+from svp.contract import Box, GroundedCandidate, ImageResult, RunCreate
 
 
 @pytest.fixture()
