@@ -23,8 +23,9 @@ from gateway.celery_app import make_celery
 from gateway.inner_loop import ServiceClients
 from gateway.runs import RunService
 from gateway.settings import Settings
-from gateway.store import TERMINAL, RunStore
+from gateway.store import RunStore
 from svp.contract import (
+    TERMINAL_STATES,
     ArtifactsPublic,
     Health,
     ISVPRequest,
@@ -160,6 +161,6 @@ async def _event_stream(service: RunService, run_id: str, since: int, poll_s: fl
         for event in events:
             yield f"id: {index}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
             index += 1
-        if not events and (await run_in_threadpool(service.store.state, run_id)) in TERMINAL:
+        if not events and (await run_in_threadpool(service.store.state, run_id)) in TERMINAL_STATES:
             return
         await asyncio.sleep(poll_s)

@@ -34,9 +34,9 @@ from gateway.artifacts import write_report, write_round_files
 from gateway.celery_app import FINISH_ROUND, POLL_TRAINING, PROCESS_IMAGE, START_ROUND, make_celery
 from gateway.inner_loop import InnerLoop, SamplingParams, ServiceClients, is_transient
 from gateway.settings import Settings
-from gateway.store import TERMINAL, RunNotFound, RunStore
+from gateway.store import RunNotFound, RunStore
 from svp.client import APIError
-from svp.contract import ImageInput, ImageResult, TrainingJobCreate
+from svp.contract import TERMINAL_STATES, ImageInput, ImageResult, TrainingJobCreate
 from svp.training.presets import get_preset
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def start_round(self: Task, run_id: str, round_: int) -> None:
     except RunNotFound:
         log.warning("start_round: run %s does not exist", run_id)
         return
-    if state in TERMINAL:
+    if state in TERMINAL_STATES:
         return
     if state != "running" and not s.transition(run_id, "running", f"round {round_} started"):
         return
@@ -125,7 +125,7 @@ def process_image(self: Task, run_id: str, round_: int, index: int) -> int:
     s = store()
     path, adapter = "?", None
     try:
-        if s.state(run_id) in TERMINAL or s.has_result(run_id, round_, index):
+        if s.state(run_id) in TERMINAL_STATES or s.has_result(run_id, round_, index):
             return index
         config = s.config(run_id)
         path = s.image(run_id, index)
@@ -158,7 +158,7 @@ def process_image(self: Task, run_id: str, round_: int, index: int) -> int:
 def finish_round(self: Task, run_id: str, round_: int) -> None:
     """Chord callback: once every image has its result, write the round's files and start training."""
     s = store()
-    if s.state(run_id) in TERMINAL:
+    if s.state(run_id) in TERMINAL_STATES:
         return
     done, total = s.images_done(run_id, round_), s.image_count(run_id)
     if done < total:
@@ -232,7 +232,7 @@ def poll_training(self: Task, run_id: str, round_: int) -> None:
             trainer.cancel_job(job_id)
         s.add_event(run_id, "cancelled", f"round {round_}: trainer job {job_id} cancelled")
         return
-    if state in TERMINAL:
+    if state in TERMINAL_STATES:
         return
     try:
         job = trainer.get_job(job_id)

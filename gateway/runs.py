@@ -24,9 +24,10 @@ from gateway.artifacts import list_artifacts, resolve_artifact
 from gateway.celery_app import submit_run
 from gateway.inner_loop import InnerLoop, ServiceClients
 from gateway.settings import Settings
-from gateway.store import TERMINAL, RunNotFound, RunStore
+from gateway.store import RunNotFound, RunStore
 from svp.client import APIError
 from svp.contract import (
+    TERMINAL_STATES,
     ArtifactsPublic,
     ISVPRequest,
     ISVPResponse,
@@ -225,7 +226,7 @@ class RunService:
 
     def cancel_run(self, run_id: str) -> RunPublic:
         run = self.get_run(run_id)
-        if run.state in TERMINAL:
+        if run.state in TERMINAL_STATES:
             raise ServiceError(409, f"run {run_id} is already {run.state}", "conflict_error", "run_id")
         if not self.store.transition(run_id, "cancelled", "run cancelled; no further work is scheduled"):
             raise ServiceError(409, f"run {run_id} is already {self.store.state(run_id)}", "conflict_error", "run_id")

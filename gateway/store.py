@@ -36,7 +36,6 @@ from svp.contract import (
 )
 
 PREFIX = "svp:"
-TERMINAL: frozenset[RunState] = frozenset({"succeeded", "failed", "cancelled"})
 # target state -> states it may be entered from
 TRANSITIONS: dict[RunState, frozenset[RunState]] = {
     "running": frozenset({"queued", "training"}),

@@ -266,6 +266,8 @@ class GroundingResponse(BaseModel):
 # ---------------------------------------------------------------- trainer
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# A run or a training job in one of these states never changes again.
+TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class TrainingConfig(StrictModel):

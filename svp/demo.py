@@ -18,13 +18,12 @@ import typer
 from tqdm import tqdm
 
 from svp.client import GatewayClient
-from svp.contract import ImageResult, RunCreate, RunPublic
+from svp.contract import TERMINAL_STATES, ImageResult, RunCreate, RunPublic
 from svp.evaluation.intervals import Interval, intervals_table, object_intervals, scene_counts
 from svp.stack import LocalStack, StackSpec, require_prerequisites
 
 log = logging.getLogger(__name__)
 
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
 def _quiet_http_logs() -> None:

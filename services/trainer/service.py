@@ -28,7 +28,14 @@ from typing import Any
 from services.trainer.engine import TrainingEngine, TrainingSpec
 from services.trainer.jobs import JobStore, utc_now
 from services.trainer.settings import Settings
-from svp.contract import TrainingConfig, TrainingJobCreate, TrainingJobPublic, TrainingJobsPublic, TrainingProgress
+from svp.contract import (
+    TERMINAL_STATES,
+    TrainingConfig,
+    TrainingJobCreate,
+    TrainingJobPublic,
+    TrainingJobsPublic,
+    TrainingProgress,
+)
 from svp.models.loading import ADAPTER_NAME
 from svp.service import ServiceError, not_found, resolve_under
 from svp.training.dataset import ConversationSample, DatasetError, mix_cvq, read_conversations
@@ -37,7 +44,6 @@ from svp.training.presets import UnknownPresetError, resolve_config
 
 log = logging.getLogger(__name__)
 
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 RESTART_MESSAGE = (
     "the trainer stopped while this job was running (its partial output was discarded); submit it again"
 )

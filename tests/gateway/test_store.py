@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from gateway.store import TERMINAL, TRANSITIONS, RunStore
-from svp.contract import Box, GroundedCandidate, ImageResult, RunCreate
+from gateway.store import TRANSITIONS, RunStore
+from svp.contract import TERMINAL_STATES, Box, GroundedCandidate, ImageResult, RunCreate
 
 
 @pytest.fixture()
@@ -46,7 +46,7 @@ def test_state_machine_allows_only_the_listed_transitions(store: RunStore) -> No
             assert moved == (source in TRANSITIONS[target]), (source, target)
             assert store.state(run_id) == (target if moved else source)
     # Nothing leaves a terminal state.
-    assert all(t not in TRANSITIONS[target] for t in TERMINAL for target in TRANSITIONS)
+    assert all(t not in TRANSITIONS[target] for t in TERMINAL_STATES for target in TRANSITIONS)
     assert store.transition("no-such-run", "running") is False
 
 
