@@ -57,7 +57,7 @@ def write_report(run_dir: Path, run: RunPublic) -> Path:
     """``report.json`` (the run record) and ``report.md`` (a per-round table)."""
     _write_atomic(run_dir / "report.json", run.model_dump_json(indent=2))
     rows = [
-        "| round | images | prior | grounded | scored | selected | degenerate | mean score | selected mean | adapter |",
+        "| round | images (failed) | prior | grounded | scored | selected | degenerate | mean score | selected mean | adapter |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
@@ -66,7 +66,7 @@ def write_report(run_dir: Path, run: RunPublic) -> Path:
 
     for r in run.rounds:
         rows.append(
-            f"| {r.round} | {r.images_done}/{r.images_total} | {r.stages.prior_samples} | {r.stages.grounded_samples} "
+            f"| {r.round} | {r.images_done}/{r.images_total} ({r.images_failed}) | {r.stages.prior_samples} | {r.stages.grounded_samples} "
             f"| {r.stages.scored} | {r.stages.selected} | {r.stages.dropped_degenerate} | {fmt(r.scores.mean)} "
             f"| {fmt(r.scores.selected_mean)} | {r.adapter or '-'} |"
         )

@@ -166,6 +166,11 @@ def finish_round(self: Task, run_id: str, round_: int) -> None:
         return
     if s.current_round(run_id) != round_:
         return  # a late duplicate of an earlier round's callback
+    failed, allowed = s.images_failed(run_id, round_), settings().max_failed_image_share
+    if failed > allowed * total:
+        _fail_run(run_id, f"round {round_}: {failed} of {total} images failed (more than the "
+                          f"{allowed:.0%} SVP_GATEWAY_MAX_FAILED_IMAGE_SHARE allows)")
+        return
     run_dir = settings().runs_root / run_id
     selected_path, selected_count = write_round_files(run_dir, round_, s.results(run_id, round_))
     if selected_count == 0:

@@ -59,6 +59,10 @@ class Settings(ServiceSettings):
     url_timeout_s: float = Field(default=30.0, gt=0)
     training_poll_s: float = Field(default=5.0, gt=0, description="Countdown between trainer job polls.")
     round_check_s: float = Field(default=2.0, gt=0, description="Countdown while a round's last images finish.")
+    max_failed_image_share: float = Field(
+        default=0.1, ge=0.0, le=1.0,
+        description="A round in which more than this share of images failed for good fails its run.",
+    )
     task_max_retries: int = Field(default=5, ge=0, le=100)
     task_backoff_max_s: int = Field(default=60, ge=1)
     # Redis broker: an unacked task (its worker died) is delivered again after this long.

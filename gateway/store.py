@@ -251,6 +251,9 @@ class RunStore:
     def images_done(self, run_id: str, round_: int) -> int:
         return int(self.r.hlen(f"{self._round(run_id, round_)}:results"))
 
+    def images_failed(self, run_id: str, round_: int) -> int:
+        return int(self.r.hget(self._round(run_id, round_), "images_failed") or 0)
+
     # ------------------------------------------------------------ reading
 
     def get_run(self, run_id: str) -> RunPublic:
@@ -297,6 +300,7 @@ def _round_public(round_: int, h: dict[str, str]) -> RoundPublic:
     return RoundPublic(
         round=round_,
         images_done=num("images_done"),
+        images_failed=num("images_failed"),
         images_total=num("images_total"),
         stages=StageCounts(
             prior_samples=num("prior_samples"), groundings=num("groundings"),

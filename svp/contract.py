@@ -419,6 +419,7 @@ class ImageResult(BaseModel):
 class RoundPublic(BaseModel):
     round: int
     images_done: int = 0
+    images_failed: int = Field(default=0, description="Of images_done, those whose inner loop failed for good.")
     images_total: int = 0
     stages: StageCounts = StageCounts()
     scores: ScoreSummary = ScoreSummary()

@@ -52,7 +52,7 @@ def follow_run(client: GatewayClient, run_id: str, poll_s: float = 1.0, timeout_
                     bar_round = current.round
                 assert bar is not None
                 bar.update(current.images_done - bar.n)
-                bar.set_postfix(state=run.state, selected=current.stages.selected)
+                bar.set_postfix(state=run.state, failed=current.images_failed, selected=current.stages.selected)
             if run.state in TERMINAL_STATES:
                 return run
             if deadline is not None and time.monotonic() > deadline:

@@ -66,6 +66,11 @@ def test_a_result_written_twice_is_stored_and_counted_once(store: RunStore) -> N
     assert (r.scores.min, r.scores.max) == (-1.0, 4.0)
     assert math.isclose(r.scores.selected_mean, (3.0 + 4.0) / 2)
     assert [x.candidates[0].score for x in store.results("r1", 1)] == [1.0, -1.0]
+    # a failed image counts as done and as failed, once
+    broken = ImageResult(image="images/2.png", index=2, round=1, adapter=None, status="failed", error="bad image")
+    assert store.record_result("r1", broken) and not store.record_result("r1", broken)
+    r = store.get_run("r1").rounds[0]
+    assert (r.images_done, r.images_failed, store.images_failed("r1", 1)) == (3, 1, 1)
 
 
 def test_events_and_paged_listing_newest_first(store: RunStore) -> None:
