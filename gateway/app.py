@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         clients.close()
         isvp_clients.close()
 
-    app = create_service_app("svp-gateway", ready, lifespan=lifespan)
+    app = create_service_app("svp-gateway", ready, settings, lifespan=lifespan)
     app.state.settings, app.state.service = settings, service
 
     @app.exception_handler(redis.RedisError)

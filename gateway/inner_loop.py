@@ -34,6 +34,7 @@ from svp.contract import (
     ISVPRequest,
     ISVPResponse,
     Normalization,
+    PhraseExtractor,
     RunCreate,
     Sample,
     SampleRequest,
@@ -192,9 +193,11 @@ class InnerLoop:
         priors, prior_response = self.prior_samples(image, p, p.k)
         timings["prior_s"] = time.perf_counter() - t0
         candidates: list[GroundedCandidate] = []
+        extractor: PhraseExtractor | None = None
         if p.grounding:
             t0 = time.perf_counter()
             groundings = self.ground(image, [s.text for s in priors])
+            extractor = next((g.phrase_extractor for g in groundings if g.phrase_extractor), None)
             timings["grounding_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             # One request per grounding, sent together: the services batch concurrent requests.
@@ -231,6 +234,7 @@ class InnerLoop:
         )
         return ImageResult(
             image=image_path, index=index, round=round_, adapter=prior_response.adapter,
+            phrase_extractor=extractor,
             prior=[s.text for s in priors], candidates=candidates,
             selected=[c.index for c in selection.selected], dropped=dict(selection.dropped), timings=timings,
         )

@@ -10,8 +10,10 @@ into ``<data_root>/uploads/<id>/``). Manifest lines are relative to the manifest
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import secrets
+import socket
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -54,6 +56,37 @@ def downstream_error(exc: Exception, service: str) -> ServiceError:
         return ServiceError(502, f"{service} failed: {exc}", "upstream_error")
     return ServiceError(503, f"{service} unreachable: {exc}", "service_unavailable")
 
+
+
+def internal_address(host: str) -> str | None:
+    """The first address ``host`` resolves to that is not on the public internet (loopback,
+    link-local such as cloud metadata at 169.254.169.254, private, reserved), or None."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return None  # unresolvable: the fetch itself will fail with a clear message
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not address.is_global:
+            return str(address)
+    return None
+
+
+def check_url(url: str, allowed_hosts: list[str]) -> None:
+    """400 unless ``url`` is http(s) on an allowed host. A host allowed only by ``*`` (development)
+    must also resolve to public addresses: naming a host in the list is the only way to let the
+    gateway fetch from inside its own network."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ServiceError(400, f"URL scheme {parts.scheme!r} is not allowed (only http and https)", param="images")
+    host = (parts.hostname or "").lower()
+    allowed = {h.lower() for h in allowed_hosts}
+    if not host or (host not in allowed and "*" not in allowed):
+        raise ServiceError(400, f"URL host {host!r} is not in the allowed hosts "
+                           f"({', '.join(sorted(allowed)) or 'none configured'})", param="images")
+    if host not in allowed and (internal := internal_address(host)) is not None:
+        raise ServiceError(400, f"URL host {host!r} resolves to the internal address {internal}; "
+                           "only hosts named in SVP_GATEWAY_ALLOWED_URL_HOSTS may", param="images")
 
 class RunService:
     def __init__(self, settings: Settings, store: RunStore, celery: Celery, clients: ServiceClients,
@@ -158,30 +191,20 @@ class RunService:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ServiceError(400, f"{name} is not a decodable image: {exc}", param="images") from exc
 
-    def check_url(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise ServiceError(400, f"URL scheme {parts.scheme!r} is not allowed (only http and https)",
-                               param="images")
-        host = (parts.hostname or "").lower()
-        allowed = {h.lower() for h in self.settings.allowed_url_hosts}
-        if not host or (host not in allowed and "*" not in allowed):
-            raise ServiceError(400, f"URL host {host!r} is not in the allowed hosts "
-                               f"({', '.join(sorted(allowed)) or 'none configured'})", param="images")
-
     def _fetch_url(self, url: str, run_id: str, n: int) -> Path:
         """Download one image from an allowed host into the run's upload directory."""
-        self.check_url(url)
+        check_url(url, self.settings.allowed_url_hosts)
         try:
             with httpx.stream("GET", url, timeout=self.settings.url_timeout_s, follow_redirects=False) as response:
                 if response.status_code != 200:
                     raise ServiceError(400, f"{url} answered HTTP {response.status_code}", param="images")
-                data = b""
+                received = bytearray()
                 for chunk in response.iter_bytes():
-                    data += chunk
-                    if len(data) > self.settings.max_url_bytes:
+                    received += chunk
+                    if len(received) > self.settings.max_url_bytes:
                         raise ServiceError(413, f"{url} is larger than {self.settings.max_url_bytes} bytes",
                                            param="images")
+                data = bytes(received)
         except httpx.HTTPError as exc:
             raise ServiceError(400, f"could not fetch {url}: {exc}", param="images") from exc
         self._check_image(data, url)

@@ -251,8 +251,13 @@ class GroundingRequest(StrictModel):
     nms_iou: UnitFloat | None = None
 
 
+PhraseExtractor = Literal["rules", "spacy"]
+
+
 class GroundingResult(BaseModel):
     phrases: list[str]
+    phrase_extractor: PhraseExtractor | None = Field(
+        default=None, description="How the phrases came from the caption; None when the request gave them.")
     boxes: list[Box]
     context: str = Field(description="The boxes rendered as the <context> text of the grounded prompt.")
 
@@ -408,6 +413,8 @@ class ImageResult(BaseModel):
     round: int
     adapter: str | None = Field(description="Adapter the sampler reports it sampled with (None: base model).")
     status: Literal["done", "failed", "skipped"] = "done"
+    phrase_extractor: PhraseExtractor | None = Field(
+        default=None, description="The grounder's phrase extractor for this image's priors (None: no grounding).")
     prior: list[str] = []
     candidates: list[GroundedCandidate] = []
     selected: list[int] = Field(default=[], description="Candidate indices kept, best first.")

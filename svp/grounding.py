@@ -1,7 +1,8 @@
 """Grounding helpers shared by the grounder and the samplers: phrases, NMS, and the <context> text.
 
-Phrase extraction uses spaCy's noun chunks when a spaCy English pipeline is installed; otherwise a
-determiner-led chunker (documented in :func:`extract_phrases_fallback`) that needs no model.
+Phrase extraction is chosen, never guessed: ``"rules"``, a determiner-led chunker (documented in
+:func:`extract_phrases_fallback`) that needs no model, or ``"spacy"``, spaCy's noun chunks (an
+error where spaCy's English pipeline is not installed).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from svp.contract import Box
+from svp.contract import Box, PhraseExtractor
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +72,26 @@ def extract_phrases_fallback(caption: str) -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def _spacy_pipeline() -> Any | None:
+def spacy_pipeline() -> Any:
+    """spaCy's English pipeline; a clear error when spaCy or ``en_core_web_sm`` is not installed
+    (never a silent fallback: which extractor ran changes what is grounded)."""
     try:
         import spacy  # type: ignore[import-not-found]
 
         return spacy.load("en_core_web_sm")
-    except Exception:  # spaCy or its English model is optional
-        return None
+    except (ImportError, OSError) as exc:
+        raise RuntimeError("phrase extractor 'spacy' needs spaCy and its en_core_web_sm pipeline: "
+                           "pip install spacy && python -m spacy download en_core_web_sm") from exc
 
 
-def extract_phrases(caption: str, use_spacy: bool = True) -> list[str]:
-    """The object phrases a detector should look for in ``caption``, lower-case, deduplicated."""
-    nlp = _spacy_pipeline() if use_spacy else None
-    if nlp is None:
+def extract_phrases(caption: str, extractor: PhraseExtractor = "rules") -> list[str]:
+    """The object phrases a detector should look for in ``caption``, lower-case, deduplicated:
+    with ``"rules"`` the determiner-led chunker (:func:`extract_phrases_fallback`), with
+    ``"spacy"`` spaCy's noun chunks."""
+    if extractor == "rules":
         return extract_phrases_fallback(caption)
     phrases: list[str] = []
-    for chunk in nlp(caption).noun_chunks:
+    for chunk in spacy_pipeline()(caption).noun_chunks:
         words = [t.text.lower() for t in chunk if t.pos_ not in ("DET", "NUM", "PRON")]
         if words and words[-1] not in _NON_OBJECTS:
             phrase = " ".join(words)

@@ -36,6 +36,9 @@ class ServiceSettings(BaseSettings):
     data_root: Path = Path("data")
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    max_request_bytes: int = 32 * 1024 * 1024
+    """Largest request body read, checked as it arrives, before any JSON or base64 is decoded: the
+    default holds one ``max_image_bytes`` image in base64 (4/3 of it) with room to spare."""
     environment: str = "development"
 
 
@@ -102,12 +105,60 @@ class ServiceMetrics:
         self.service = service
 
 
+class BodyLimit:
+    """ASGI middleware: answer 413 when a request body exceeds ``max_bytes`` — by its declared
+    Content-Length, or by what has arrived (a chunked body has none) — before the app reads it.
+    The body is read here and handed on whole: FastAPI reads every body whole anyway."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[Any], Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(send)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnect notices, as usual
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Callable[[Any], Any]) -> None:
+        body = JSONResponse(error_body(413, f"request body exceeds {self.max_bytes} bytes", "request_too_large"),
+                            status_code=413)
+        await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
+        await send({"type": "http.response.body", "body": body.body})
+
+
 def create_service_app(
-    title: str, ready: Callable[[], Health], lifespan: Any = None, version: str = "0.1.0"
+    title: str, ready: Callable[[], Health], settings: ServiceSettings, lifespan: Any = None, version: str = "0.1.0"
 ) -> FastAPI:
-    """A FastAPI app with the error envelope, ``/healthz``, ``/readyz`` and ``/metrics``."""
+    """A FastAPI app with the error envelope, ``/healthz``, ``/readyz``, ``/metrics`` and a request
+    body limit of ``settings.max_request_bytes``."""
     app = FastAPI(title=title, version=version, lifespan=lifespan, responses=ERROR_RESPONSES)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     metrics = ServiceMetrics(title)
     app.state.metrics = metrics
 

@@ -18,6 +18,7 @@ from services.grounder.engine import create_engine
 from services.grounder.service import GrounderService
 from services.grounder.settings import Settings
 from svp.contract import GroundingRequest, GroundingResponse, Health
+from svp.grounding import spacy_pipeline
 from svp.service import ERROR_RESPONSES, ServiceError, create_service_app
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class _Backend:
 
     def load(self) -> None:
         try:
+            if self.settings.phrase_extractor == "spacy":
+                spacy_pipeline()  # load it now: a missing pipeline is a readiness error, not a late 500
             self.service = GrounderService(self.settings, create_engine(self.settings))
             log.info("grounder ready (backend %s)", self.settings.backend)
         except Exception as exc:  # reported through /readyz instead of killing the process
@@ -61,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         threading.Thread(target=backend.load, name="grounder-load", daemon=True).start()
         yield
 
-    app = create_service_app("grounder", ready=backend.health, lifespan=lifespan)
+    app = create_service_app("grounder", ready=backend.health, settings=settings, lifespan=lifespan)
 
     @app.post("/v1/groundings", response_model=GroundingResponse, responses=ERROR_RESPONSES)
     def ground(request: GroundingRequest) -> GroundingResponse:

@@ -34,7 +34,7 @@ class GrounderService:
                     f"caption has {len(item.caption)} characters; the limit is {self.settings.max_caption_chars}",
                     param=f"items.{index}.caption",
                 )
-            raw = extract_phrases(item.caption, use_spacy=self.settings.use_spacy)
+            raw = extract_phrases(item.caption, self.settings.phrase_extractor)
         else:
             assert item.phrases is not None
             raw = item.phrases
@@ -70,7 +70,9 @@ class GrounderService:
         results = []
         for i, item_phrases in enumerate(phrases):
             boxes = nms(detections.get(i, []), nms_iou)
-            results.append(GroundingResult(phrases=item_phrases, boxes=boxes, context=render_context(boxes)))
+            extractor = self.settings.phrase_extractor if request.items[i].caption is not None else None
+            results.append(GroundingResult(phrases=item_phrases, phrase_extractor=extractor, boxes=boxes,
+                                           context=render_context(boxes)))
         return GroundingResponse(
             backend=self.engine.name,
             results=results,

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from svp.contract import PhraseExtractor
 from svp.service import ServiceSettings
 
 GrounderBackend = Literal["groundingdino", "shapesworld"]
@@ -37,4 +38,8 @@ class Settings(ServiceSettings):
     )
     max_caption_chars: int = Field(default=2000, ge=1, le=4000, description="Longer captions are refused (400).")
     max_batch_size: int = Field(default=8, ge=1, le=64, description="Items per forward pass.")
-    use_spacy: bool = Field(default=True, description="Extract phrases with spaCy when an English pipeline is installed.")
+    phrase_extractor: PhraseExtractor = Field(
+        default="rules",
+        description="How captions become phrases: 'rules' (no model) or 'spacy' (needs spaCy and en_core_web_sm; "
+                    "the grounder is not ready without them). Every grounding result names it.",
+    )

@@ -7,34 +7,22 @@ background: ``/healthz`` answers at once, ``/readyz`` turns 200 once the model i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
 from services.sampler.service import SamplerService
 from services.sampler.settings import Settings
 from svp.contract import SampleRequest, SampleResponse
-from svp.models.serving import adapter_router
-from svp.service import ERROR_RESPONSES, create_service_app
+from svp.models.serving import create_vlm_app
+from svp.service import ERROR_RESPONSES
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     service = SamplerService(settings or Settings())  # type: ignore[call-arg]  # model comes from the env
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await service.start()
-        yield
-        await service.stop()
-
-    app = create_service_app("sampler", ready=service.health, lifespan=lifespan)
+    app = create_vlm_app("sampler", service)
 
     @app.post("/v1/samples", response_model=SampleResponse, responses=ERROR_RESPONSES)
     async def samples(request: SampleRequest) -> SampleResponse:
         """``n`` samples with per-token log-probs for one image and a base or grounded prompt."""
         return await service.generate(request)
 
-    app.include_router(adapter_router(service))
-    app.state.service = service
     return app

@@ -7,34 +7,22 @@ background: ``/healthz`` answers at once, ``/readyz`` turns 200 once the model i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
 from services.scorer.service import ScorerService
 from services.scorer.settings import Settings
 from svp.contract import ScoreRequest, ScoreResponse
-from svp.models.serving import adapter_router
-from svp.service import ERROR_RESPONSES, create_service_app
+from svp.models.serving import create_vlm_app
+from svp.service import ERROR_RESPONSES
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     service = ScorerService(settings or Settings())  # type: ignore[call-arg]  # model comes from the env
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await service.start()
-        yield
-        await service.stop()
-
-    app = create_service_app("scorer", ready=service.health, lifespan=lifespan)
+    app = create_vlm_app("scorer", service)
 
     @app.post("/v1/scores", response_model=ScoreResponse, responses=ERROR_RESPONSES)
     async def scores(request: ScoreRequest) -> ScoreResponse:
         """Exact teacher-forced S and Δ, with per-token statistics, for M continuations of one image."""
         return await service.score(request)
 
-    app.include_router(adapter_router(service))
-    app.state.service = service
     return app

@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return Health(status="ok", detail=settings.device)
         return Health(status="error", detail="the training worker is not running")
 
-    app = create_service_app("trainer", ready=ready, lifespan=lifespan)
+    app = create_service_app("trainer", ready=ready, settings=settings, lifespan=lifespan)
 
     # Sync routes: FastAPI runs them in its thread pool, so reading a dataset never blocks the loop.
     @app.post("/v1/jobs", response_model=TrainingJobPublic, status_code=202, responses=ERROR_RESPONSES)

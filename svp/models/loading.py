@@ -61,6 +61,11 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's architecture is not one this project runs."""
 
 
+class InvalidInputError(ValueError):
+    """A request's inputs are malformed: the one engine error a service answers with 400. Any
+    other exception inside an engine is a server fault (500, retried by the caller)."""
+
+
 class AdapterNotFoundError(LookupError):
     """No PEFT adapter of that name under ``<artifact_root>/adapters``."""
 
@@ -233,7 +238,7 @@ class LoadedVLM:
     def collate(self, prompts: Sequence[PromptInputs], suffixes: Sequence[Sequence[int]]) -> CollatedBatch:
         """One batch of ``prompt[r] + suffixes[r]`` rows (see :class:`CollatedBatch`)."""
         if len(prompts) != len(suffixes) or not prompts:
-            raise ValueError("need one suffix (possibly empty) per prompt, and at least one row")
+            raise InvalidInputError("need one suffix (possibly empty) per prompt, and at least one row")
         rows = len(prompts)
         prompt_end = max(len(p) for p in prompts)
         suffix_len = max(len(s) for s in suffixes)
@@ -291,7 +296,7 @@ class LoadedVLM:
         shared cache. Positions where ``mask`` is 0 are padding.
         """
         if len(rows) != len(continuations) or any(len(c) == 0 for c in continuations):
-            raise ValueError("need one non-empty continuation per row")
+            raise InvalidInputError("need one non-empty continuation per row")
         pre = self.prefill(prompts, rows)
         width = max(len(c) for c in continuations)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=self.device)

@@ -10,20 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import Generic, TypeVar
 
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 from PIL import Image
 from pydantic import Field, field_validator
 
 from svp.contract import AdapterLoad, AdapterPublic, AdaptersPublic, Health, ImageInput
 from svp.models.batching import BatchedResult, MicroBatcher
 from svp.models.engine import ModelEngine
-from svp.models.loading import DTYPES, AdapterNotFoundError
-from svp.service import ERROR_RESPONSES, ServiceError, ServiceSettings, decode_image, not_found
+from svp.models.loading import DTYPES, AdapterNotFoundError, InvalidInputError
+from svp.service import ERROR_RESPONSES, ServiceError, ServiceSettings, create_service_app, decode_image, not_found
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,10 @@ class VLMService(ABC, Generic[EngineT, JobT, ResultT]):
             return await self._batcher.submit(job)
         except AdapterNotFoundError as exc:
             raise not_found(str(exc), "adapter") from exc
-        except ValueError as exc:  # inputs the processor or model refuses
+        except InvalidInputError as exc:
             raise ServiceError(400, str(exc)) from exc
+        # Anything else (a ValueError from a bug included) is a 500: a bad request the caller
+        # would give up on must not hide a server fault it should retry.
 
     # ------------------------------------------------------------ request checks
 
@@ -175,3 +178,20 @@ def adapter_router(service: VLMService) -> APIRouter:
         return service.list_adapters()
 
     return router
+
+
+def create_vlm_app(name: str, service: VLMService) -> FastAPI:
+    """The app both model services share: ``service`` started and stopped with the app (its model
+    loads in the background), ``/healthz``, ``/readyz`` from its health, ``/v1/adapters``; the
+    caller adds its one route."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        yield
+        await service.stop()
+
+    app = create_service_app(name, ready=service.health, settings=service.settings, lifespan=lifespan)
+    app.include_router(adapter_router(service))
+    app.state.service = service
+    return app

@@ -16,6 +16,7 @@ TINY_NUM_QUERIES = 30
 MAX_IMAGE_PIXELS = 200 * 200
 MAX_IMAGE_BYTES = 100_000
 MAX_CAPTION_CHARS = 300
+MAX_REQUEST_BYTES = 200_000
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,7 @@ def gdino_client(tiny_gdino_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         "SVP_GROUNDER_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS),
         "SVP_GROUNDER_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
         "SVP_GROUNDER_MAX_CAPTION_CHARS": str(MAX_CAPTION_CHARS),
+        "SVP_GROUNDER_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
         "SVP_GROUNDER_MAX_BATCH_SIZE": "4",
         "SVP_GROUNDER_DATA_ROOT": str(tmp_path_factory.mktemp("gdino-data")),
     }

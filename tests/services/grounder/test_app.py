@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 
@@ -40,3 +41,24 @@ def test_ready_with_the_tiny_checkpoint(tiny_gdino_dir: Path) -> None:
         health = wait_not_loading(client)
         assert (health.status, health.detail) == ("ok", "groundingdino")
         assert client.get("/readyz").status_code == 200
+
+
+def test_the_phrase_extractor_is_chosen_and_named_never_guessed() -> None:
+    import importlib.util
+
+    from svp.world.scenes import generate_scene
+
+    png = generate_scene("test", 3).png_bytes()  # small red diamond, small green triangle
+    image = {"data_b64": base64.b64encode(png).decode()}
+    with TestClient(create_app(Settings(backend="shapesworld"))) as client:
+        assert wait_not_loading(client).status == "ok"
+        body = {"items": [{"image": image, "caption": "There is a small red diamond."},
+                          {"image": image, "phrases": ["green triangle"]}]}
+        results = client.post("/v1/groundings", json=body).json()["results"]
+        assert [r["phrase_extractor"] for r in results] == ["rules", None]  # None: the phrases were given
+        assert results[0]["phrases"] == ["small red diamond"]
+    if importlib.util.find_spec("spacy") is None:
+        # asked for spaCy where it is not installed: not ready, and the detail says what to install
+        with TestClient(create_app(Settings(backend="shapesworld", phrase_extractor="spacy"))) as client:
+            health = wait_not_loading(client)
+            assert health.status == "error" and health.detail and "en_core_web_sm" in health.detail

@@ -14,7 +14,7 @@ from PIL import Image
 from svp.client import APIError, GrounderClient
 from svp.contract import ErrorResponse, GroundingItem, GroundingRequest, ImageInput
 from svp.world.scenes import generate_scene
-from tests.services.grounder.conftest import MAX_CAPTION_CHARS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from tests.services.grounder.conftest import MAX_CAPTION_CHARS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_REQUEST_BYTES
 
 SCENE_PNG = generate_scene("test", 0).png_bytes()
 CAPTION = "There is a small red circle."
@@ -125,6 +125,28 @@ def test_image_paths_stay_under_the_data_root(gdino_client: GrounderClient, path
         gdino_client.ground(request)
     assert err.value.status == status
     assert err.value.error is not None and err.value.error.error.param == param
+
+
+def test_an_oversized_body_is_refused_before_it_is_decoded(gdino_client: GrounderClient) -> None:
+    """A huge ``data_b64`` never reaches JSON parsing or base64 decoding: 413 from its declared
+    length, and from the bytes counted as they arrive when a chunked body declares none."""
+    huge = valid_body(items=[{"image": {"data_b64": "A" * (2 * MAX_REQUEST_BYTES)}, "caption": CAPTION}])
+    response = post_raw(gdino_client, huge)
+    assert response.status_code == 413
+    error = ErrorResponse.model_validate(response.json()).error
+    assert error.type == "request_too_large" and str(MAX_REQUEST_BYTES) in error.message
+
+    def chunks():  # no Content-Length: httpx sends a generator body chunked
+        yield b'{"items": [{"image": {"data_b64": "'
+        for _ in range(2 * MAX_REQUEST_BYTES // 10_000):
+            yield b"A" * 10_000
+        yield b'"}, "caption": "x"}]}'
+
+    chunked = gdino_client._http.post("/v1/groundings", content=chunks(), headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413
+    # a body just under the limit is read and judged on its content as before
+    assert post_raw(gdino_client, valid_body(box_threshold=3)).status_code == 422
+    assert gdino_client.ready()
 
 
 def test_unknown_route_and_method(gdino_client: GrounderClient) -> None:
