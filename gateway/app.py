@@ -31,7 +31,7 @@ from svp.contract import (
     ISVPRequest,
     ISVPResponse,
     RunCreate,
-    RunEvent,
+    RunEventsPublic,
     RunPublic,
     RunsPublic,
     UploadPublic,
@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Stop scheduling the run's work (its running trainer job is cancelled too); 409 if it already ended."""
         return service.cancel_run(run_id)
 
-    @router.get("/svp/runs/{run_id}/events", response_model=list[RunEvent], tags=["runs"],
+    @router.get("/svp/runs/{run_id}/events", response_model=RunEventsPublic, tags=["runs"],
                 responses={200: {"content": {"text/event-stream": {}}}})
     async def run_events(request: Request, run_id: str, since: Annotated[int, Query(ge=0)] = 0,
                          stream: bool = False) -> Any:
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ``Accept: text/event-stream``) that ends when the run does."""
         events = await run_in_threadpool(service.events, run_id, since)
         if not (stream or "text/event-stream" in request.headers.get("accept", "")):
-            return events
+            return RunEventsPublic(data=events, count=len(events))
         return StreamingResponse(_event_stream(service, run_id, since, settings.events_poll_s),
                                  media_type="text/event-stream")
 
@@ -159,8 +159,8 @@ async def _event_stream(service: RunService, run_id: str, since: int, poll_s: fl
     while True:
         events = await run_in_threadpool(service.store.events, run_id, index)
         for event in events:
-            yield f"id: {index}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
-            index += 1
+            yield f"id: {event.index}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
+            index = event.index + 1
         if not events and (await run_in_threadpool(service.store.state, run_id)) in TERMINAL_STATES:
             return
         await asyncio.sleep(poll_s)

@@ -111,11 +111,14 @@ def start_round(self: Task, run_id: str, round_: int) -> None:
         return
     total = s.image_count(run_id)
     s.start_round(run_id, round_, total)
-    if s.round_field(run_id, round_, "dispatched"):
+    # One HSETNX decides who dispatches: a second start_round task for this round (a duplicate
+    # enqueue) finds the field taken by another task id and stops. The same task delivered again
+    # (its worker died after claiming) dispatches again; the images' results are written once.
+    task_id = str(self.request.id)
+    if s.claim_round_field(run_id, round_, "dispatched", task_id) != task_id:
         return
     header = [process_image.si(run_id, round_, i) for i in range(total)]
     chord(header)(finish_round.si(run_id, round_))
-    s.set_round_fields(run_id, round_, dispatched="1")
     s.add_event(run_id, "round", f"round {round_}: {total} images dispatched")
 
 

@@ -41,6 +41,7 @@ from svp.contract import (
     SampleResponse,
     ScoreName,
     ScoreRequest,
+    StageTimings,
 )
 from svp.selection import Candidate, select_top
 
@@ -188,32 +189,31 @@ class InnerLoop:
     def run_image(self, image: ImageInput, image_path: str, index: int, round_: int,
                   p: SamplingParams) -> ImageResult:
         """Steps 1-5 for one image of a run; the result lists every candidate and the selection."""
-        timings: dict[str, float] = {}
         t0 = time.perf_counter()
         priors, prior_response = self.prior_samples(image, p, p.k)
-        timings["prior_s"] = time.perf_counter() - t0
+        timings = StageTimings(prior_s=time.perf_counter() - t0)
         candidates: list[GroundedCandidate] = []
         extractor: PhraseExtractor | None = None
         if p.grounding:
             t0 = time.perf_counter()
             groundings = self.ground(image, [s.text for s in priors])
             extractor = next((g.phrase_extractor for g in groundings if g.phrase_extractor), None)
-            timings["grounding_s"] = time.perf_counter() - t0
+            timings.grounding_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             # One request per grounding, sent together: the services batch concurrent requests.
             grounded = [samples[0] for samples in self._concurrently([
                 partial(self.grounded_samples, image, g.boxes, p, 1, derive_seed(p.seed, "grounded", j))
                 for j, g in enumerate(groundings)
             ])]
-            timings["grounded_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            timings.grounded_s = time.perf_counter() - t0
             if p.scoring:
+                t0 = time.perf_counter()
                 values = [v[0] for v in self._concurrently([
                     partial(self.scores, image, g.boxes, [s], p) for g, s in zip(groundings, grounded, strict=True)
                 ])]
+                timings.scoring_s = time.perf_counter() - t0
             else:
                 values = [math.nan] * len(grounded)
-            timings["scoring_s"] = time.perf_counter() - t0
             candidates = [
                 GroundedCandidate(index=j, text=s.text, finish_reason=s.finish_reason, boxes=g.boxes,
                                   score=None if math.isnan(v) else v, token_count=len(s.token_ids))
@@ -264,21 +264,20 @@ class InnerLoop:
             score=request.score, normalization="sum", grounding=True, scoring=request.n > 1, top_ratio=1.0,
             model=model, adapter=request.adapter,
         )
-        timings: dict[str, float] = {}
         t0 = time.perf_counter()
         priors, _ = self.prior_samples(request.image, p, 1)
-        timings["prior_s"] = time.perf_counter() - t0
+        timings = StageTimings(prior_s=time.perf_counter() - t0)
         t0 = time.perf_counter()
         grounding = self.ground(request.image, [priors[0].text])[0]
-        timings["grounding_s"] = time.perf_counter() - t0
+        timings.grounding_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         grounded = self.grounded_samples(request.image, grounding.boxes, p, request.n, derive_seed(seed, "grounded"))
-        timings["grounded_s"] = time.perf_counter() - t0
+        timings.grounded_s = time.perf_counter() - t0
         best, best_score = 0, None
         if request.n > 1:
             t0 = time.perf_counter()
             values = self.scores(request.image, grounding.boxes, grounded, p)
-            timings["scoring_s"] = time.perf_counter() - t0
+            timings.scoring_s = time.perf_counter() - t0
             finite = [(v, -i) for i, v in enumerate(values) if math.isfinite(v)]
             if finite:
                 value, neg_index = max(finite)

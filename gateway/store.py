@@ -192,16 +192,25 @@ class RunStore:
         self.add_event(run_id, "error", message)
 
     def add_event(self, run_id: str, kind: str, message: str) -> None:
+        """Append an event; the log keeps the last MAX_EVENTS, and ``events_total`` counts them all
+        (in the same transaction), so an event's index never changes when older ones are trimmed."""
         event = RunEvent(run_id=run_id, at=_now(), kind=kind, message=message)
         key = f"{self._run(run_id)}:events"
-        pipe = self.r.pipeline()
-        pipe.rpush(key, event.model_dump_json())
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(key, event.model_dump_json(exclude={"index"}))
         pipe.ltrim(key, -MAX_EVENTS, -1)
+        pipe.hincrby(self._run(run_id), "events_total", 1)
         pipe.execute()
 
     def events(self, run_id: str, since: int = 0) -> list[RunEvent]:
-        raw = self.r.lrange(f"{self._run(run_id)}:events", since, -1)
-        return [RunEvent.model_validate_json(e) for e in raw]
+        """The events with index >= ``since`` still in the log, each with its index."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hget(self._run(run_id), "events_total")
+        pipe.lrange(f"{self._run(run_id)}:events", 0, -1)
+        total, raw = pipe.execute()
+        first = int(total or 0) - len(raw)  # index of the oldest event still kept
+        return [RunEvent.model_validate_json(e).model_copy(update={"index": first + i})
+                for i, e in enumerate(raw) if first + i >= since]
 
     # ------------------------------------------------------------ rounds
 

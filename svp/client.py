@@ -12,7 +12,7 @@ import time
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
 from svp.contract import (
     AdapterLoad,
@@ -27,6 +27,7 @@ from svp.contract import (
     ISVPResponse,
     RunCreate,
     RunEvent,
+    RunEventsPublic,
     RunPublic,
     RunsPublic,
     SampleRequest,
@@ -180,8 +181,8 @@ class GatewayClient(ServiceClient):
         return self._call("POST", "/isvp/caption", ISVPResponse, request)
 
     def run_events(self, run_id: str, since: int = 0) -> list[RunEvent]:
-        response = self._request("GET", f"/svp/runs/{run_id}/events", params={"since": since})
-        return TypeAdapter(list[RunEvent]).validate_json(response.content)
+        """The run's events with index >= ``since``."""
+        return self._call("GET", f"/svp/runs/{run_id}/events", RunEventsPublic, params={"since": since}).data
 
     def upload_images(self, files: list[tuple[str, bytes]]) -> UploadPublic:
         """Multipart upload of (filename, bytes) images; returns the directory to use as ``RunCreate.images``."""

@@ -105,6 +105,15 @@ class Timings(BaseModel):
     compute_s: float = 0.0
 
 
+class StageTimings(BaseModel):
+    """Seconds each SVP step took for one image (an image of a run, or an iSVP request)."""
+
+    prior_s: float = 0.0
+    grounding_s: float | None = Field(default=None, description="None: no grounding (the self-captioning ablation).")
+    grounded_s: float | None = None
+    scoring_s: float | None = Field(default=None, description="None: nothing was scored.")
+
+
 # ---------------------------------------------------------------- sampler
 
 
@@ -420,7 +429,7 @@ class ImageResult(BaseModel):
     selected: list[int] = Field(default=[], description="Candidate indices kept, best first.")
     dropped: dict[int, str] = {}
     error: str | None = None
-    timings: dict[str, float] = {}
+    timings: StageTimings = StageTimings()
 
 
 class RoundPublic(BaseModel):
@@ -453,10 +462,17 @@ class RunsPublic(BaseModel):
 
 
 class RunEvent(BaseModel):
+    index: int = Field(default=0, description="Position in the run's event log: stable, also once old events "
+                                              "are trimmed; ask for events after it with since=index + 1.")
     run_id: str
     at: datetime
     kind: str
     message: str
+
+
+class RunEventsPublic(BaseModel):
+    data: list[RunEvent]
+    count: int
 
 
 class ArtifactPublic(BaseModel):
@@ -496,7 +512,7 @@ class ISVPResponse(BaseModel):
     grounded_caption: str
     score: float | None = Field(description="Score of the returned caption (None when n == 1).")
     candidates: int
-    timings: dict[str, float]
+    timings: StageTimings
 
 
 # ---------------------------------------------------------------- health

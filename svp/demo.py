@@ -40,7 +40,7 @@ def follow_run(client: GatewayClient, run_id: str, poll_s: float = 1.0, timeout_
         while True:
             run = client.get_run(run_id)
             for event in client.run_events(run_id, since=seen):
-                seen += 1
+                seen = event.index + 1
                 if progress:
                     tqdm.write(f"[{event.at:%H:%M:%S}] {event.kind}: {event.message}")
             if run.rounds and progress:

@@ -219,8 +219,8 @@ def test_isvp_caption_and_the_event_stream(stack: LocalStack, world: WorldArtifa
         single = c.isvp_caption(ISVPRequest(image=ImageInput.from_bytes(image), n=1, seed=1, max_new_tokens=32))
         finished = c.cancel_run(create(stack, "first-4.txt").id)
     assert best.candidates == 3 and best.score is not None and best.prior_caption
-    assert {"prior_s", "grounding_s", "grounded_s", "scoring_s"} <= set(best.timings)
-    assert single.candidates == 1 and single.score is None
+    assert all(t is not None and t > 0 for t in best.timings.model_dump().values())
+    assert single.candidates == 1 and single.score is None and single.timings.scoring_s is None
     # Same seed: the same prior caption and grounding whatever n is.
     assert (single.prior_caption, single.boxes) == (best.prior_caption, best.boxes)
     # The SSE stream of a finished run replays its events and ends.

@@ -81,3 +81,17 @@ def test_events_and_paged_listing_newest_first(store: RunStore) -> None:
     store.add_event("run0", "note", "hello")
     assert [e.kind for e in store.events("run0")] == ["created", "note"]
     assert [e.message for e in store.events("run0", since=1)] == ["hello"]
+
+
+def test_event_indices_stay_stable_when_old_events_are_trimmed(store: RunStore, monkeypatch) -> None:
+    import gateway.store
+
+    monkeypatch.setattr(gateway.store, "MAX_EVENTS", 3)  # a short log, so trimming happens
+    make_run(store, "r9")  # event 0: created
+    for i in range(1, 6):
+        store.add_event("r9", "note", f"n{i}")
+    kept = store.events("r9")
+    assert [(e.index, e.message) for e in kept] == [(3, "n3"), (4, "n4"), (5, "n5")]
+    assert [e.index for e in store.events("r9", since=4)] == [4, 5]
+    assert [e.index for e in store.events("r9", since=1)] == [3, 4, 5]  # trimmed ones are gone, not renumbered
+    assert store.events("r9", since=6) == []
