@@ -11,17 +11,19 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from svp.contract import ErrorDetail, ErrorResponse, Health, ImageInput
@@ -39,7 +41,11 @@ class ServiceSettings(BaseSettings):
     max_request_bytes: int = 32 * 1024 * 1024
     """Largest request body read, checked as it arrives, before any JSON or base64 is decoded: the
     default holds one ``max_image_bytes`` image in base64 (4/3 of it) with room to spare."""
-    environment: str = "development"
+    environment: Literal["production", "development"] = Field(
+        default_factory=lambda: os.environ.get("SVP_ENV", "production"),  # type: ignore[arg-type,return-value]
+        description="'production' unless SVP_<SERVICE>_ENVIRONMENT or SVP_ENV says 'development': unsafe "
+                    "settings (an open gateway, a '*' URL host list) are refused outside development.",
+    )
 
 
 class ServiceError(Exception):

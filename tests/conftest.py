@@ -7,6 +7,7 @@ The checkpoints are random-initialised LLaVA / LLaVA-NeXT models of the real arc
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ import torch
 from svp.models.tiny import build_tiny_vlm
 
 TINY_VLM_ARCHS = ("llava", "llava_next")
+
+# Services are secure by default (production unless told otherwise). The tests build settings and
+# start processes that need no API key; those that test production set it themselves.
+os.environ.setdefault("SVP_ENV", "development")
 
 
 @pytest.fixture(scope="session")

@@ -29,3 +29,21 @@ def test_unsafe_values_are_refused_outside_development(overrides: dict[str, obje
     with pytest.raises(ValidationError, match=needle):
         Settings(environment="production", **overrides)
     Settings(environment="development", **overrides)  # allowed while developing
+
+
+def test_production_is_the_default_and_svp_env_opts_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway started with no settings at all refuses to run open; SVP_ENV=development (or the
+    service's own SVP_GATEWAY_ENVIRONMENT) is the one way to allow it."""
+    monkeypatch.delenv("SVP_ENV", raising=False)
+    monkeypatch.delenv("SVP_GATEWAY_ENVIRONMENT", raising=False)
+    with pytest.raises(ValidationError, match="api_keys must be set"):
+        Settings()
+    monkeypatch.setenv("SVP_ENV", "development")
+    assert Settings().environment == "development"
+    monkeypatch.setenv("SVP_GATEWAY_ENVIRONMENT", "production")  # the service's own variable wins
+    with pytest.raises(ValidationError, match="api_keys must be set"):
+        Settings()
+    monkeypatch.setenv("SVP_ENV", "staging")
+    monkeypatch.delenv("SVP_GATEWAY_ENVIRONMENT")
+    with pytest.raises(ValidationError, match="production"):
+        Settings()
