@@ -14,12 +14,13 @@ Classical vision, in four steps:
    the named attributes. A phrase that names no colour and no shape of the domain gets no box.
    A phrase that matches no object fully gets, as GroundingDINO gives it, the best *partial*
    match: an object that differs in exactly one named attribute ("small orange triangle" where a
-   small orange circle stands), labelled with the phrase as queried, at ``PARTIAL_MATCH_SCORE``
-   times its confidence; a wrong size is the nearest miss, then a wrong shape, then a wrong
-   colour (colour is what such detectors match most surely). GroundingDINO scores a region by its similarity to the phrase's tokens,
-   so a region that matches most of the words still scores, lower, and keeps the queried label:
-   grounding a wrong prior phrase boxes the thing it was probably about, and the wrong word
-   reaches the grounded prompt. ``partial_matches=False`` gives the strict detector.
+   small orange circle stands), at ``PARTIAL_MATCH_SCORE`` times its confidence; a wrong size is
+   the nearest miss, then a wrong shape, then a wrong colour (colour is what such detectors match
+   most surely). Its label is the phrase without the word that does not match ("small orange"),
+   as GroundingDINO labels a box with the phrase tokens whose score passes ``text_threshold``: the
+   region of an orange circle scores high on "small" and "orange", not on "triangle". So a wrong
+   prior phrase boxes the object it was probably about, and the wrong word does not reach the
+   grounded prompt. ``partial_matches=False`` gives the strict detector (no box at all).
 
 ``ShapesDetector().detect(image, phrases) -> list[svp.contract.Box]`` is the API the grounder
 service serves as its ``shapesworld`` backend.
@@ -103,6 +104,12 @@ class PhraseQuery:
     def matches(self, d: Detection) -> bool:
         return self.mismatches(d) == []
 
+    def without(self, attribute: str, phrase: str) -> str:
+        """``phrase`` without the word that names ``attribute`` ("small orange triangle", "shape" ->
+        "small orange"); its other words as written."""
+        value = getattr(self, attribute)
+        return " ".join(w for w in phrase.split() if not _names(w, value))
+
     def confidence(self, d: Detection) -> float:
         """How clearly the pixels show the attributes the phrase names (size is exact)."""
         return min(d.colour_confidence if self.colour else 1.0, d.shape_confidence if self.shape else 1.0)
@@ -111,6 +118,12 @@ class PhraseQuery:
 def _margin_confidence(best: float, second: float) -> float:
     """1 when the best prototype is at distance 0, 0.5 when the runner-up is as close."""
     return float(second / (best + second)) if best + second > 0 else 1.0
+
+
+def _names(word: str, attribute_value: str) -> bool:
+    """Whether ``word`` (as written, any case, possibly plural) names ``attribute_value``."""
+    w = "".join(_WORDS.findall(word.lower()))
+    return w == attribute_value or (w.endswith("s") and w[:-1] == attribute_value)
 
 
 class ShapesDetector:
@@ -181,6 +194,6 @@ class ShapesDetector:
             near = {d: missed[0] for d in detections if len(missed := query.mismatches(d) or []) == 1}
             if near:
                 best = min(near, key=lambda d: (PARTIAL_MISS_ORDER.index(near[d]), -query.confidence(d)))
-                boxes.append(Box(label=label, xyxy=best.xyxy,
+                boxes.append(Box(label=query.without(near[best], label), xyxy=best.xyxy,
                                  score=round(PARTIAL_MATCH_SCORE * query.confidence(best), 4)))
         return boxes
