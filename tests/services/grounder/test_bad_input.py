@@ -165,3 +165,19 @@ def test_still_healthy_after_bad_input(gdino_client: GrounderClient) -> None:
     assert response.results[0].phrases == ["small red circle"]
     metrics = gdino_client._http.get("/metrics").text
     assert 'route="/v1/groundings",service="grounder",status="422"' in metrics
+
+
+def test_the_container_healthcheck_command_asks_readyz(gdino_client: GrounderClient) -> None:
+    """`svp healthcheck URL` (the compose and image healthcheck) exits 0 on a ready service, 1 otherwise."""
+    import subprocess
+    import sys
+
+    base = str(gdino_client._http.base_url).rstrip("/")
+
+    def check(url: str) -> int:
+        return subprocess.run([sys.executable, "-m", "svp.cli", "healthcheck", url, "--timeout", "5"],
+                              capture_output=True, timeout=60).returncode
+
+    assert check(f"{base}/readyz") == 0
+    assert check(f"{base}/no-such-route") == 1
+    assert check("http://127.0.0.1:9/readyz") == 1  # nothing listens there
