@@ -191,7 +191,10 @@ class ShapesDetector:
                 boxes.append(Box(label=label, xyxy=d.xyxy, score=round(query.confidence(d), 4)))
             if full or not self.partial_matches:
                 continue
-            near = {d: missed[0] for d in detections if len(missed := query.mismatches(d) or []) == 1}
+            # One attribute off, and a colour or shape still in common: "red circle" may box a red
+            # triangle (label "red"); "circle" or "small circle" has nothing left to box a square by.
+            near = {d: missed[0] for d in detections if len(missed := query.mismatches(d) or []) == 1
+                    and any(getattr(query, a) is not None and a != missed[0] for a in ("colour", "shape"))}
             if near:
                 best = min(near, key=lambda d: (PARTIAL_MISS_ORDER.index(near[d]), -query.confidence(d)))
                 boxes.append(Box(label=query.without(near[best], label), xyxy=best.xyxy,

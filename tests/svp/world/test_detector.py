@@ -54,8 +54,23 @@ def test_a_phrase_with_one_wrong_attribute_boxes_its_best_partial_match_at_half_
     assert boxes[3].score == strict["small red diamond"].score
     # a partial match scores half what the object's full match would (size is read exactly)
     assert boxes[1].score == round(0.5 * strict["small red diamond"].score, 4)
+    # nothing left in common once the wrong word is dropped: no box (never an empty label)
+    assert ShapesDetector().detect(image, ["circle", "small circle", "large square"]) == []
     # a phrase that matches some object fully gets no partial matches besides
     assert [b.label for b in ShapesDetector().detect(image, ["red diamond"])] == ["red diamond"]
+
+
+def test_every_box_has_a_label_whatever_the_phrase():
+    from itertools import product
+
+    from svp.world.scenes import SIZES
+
+    phrases = [" ".join(w for w in words if w) for words in product(("", *SIZES), ("", *COLOURS), ("", *SHAPES))]
+    detector = ShapesDetector()
+    for scene in generate_scenes("test", 20):
+        for box in detector.detect(scene.render(), phrases):
+            query = PhraseQuery.parse(box.label)
+            assert box.label.strip() and (query.colour or query.shape), box.label  # a label names what it boxes
 
 
 def test_phrase_query_parsing():
