@@ -6,11 +6,11 @@ import logging
 from fastapi.testclient import TestClient
 
 from svp.contract import Health
-from svp.service import create_service_app
+from svp.service import ServiceSettings, create_service_app
 
 
 def test_unhandled_errors_return_a_request_id_not_the_exception_text(caplog):
-    app = create_service_app("test", lambda: Health(status="ok"))
+    app = create_service_app("test", lambda: Health(status="ok"), ServiceSettings())
 
     @app.get("/boom")
     def boom() -> None:

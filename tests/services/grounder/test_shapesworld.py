@@ -64,9 +64,16 @@ def test_explicit_phrases(shapes_client: GrounderClient) -> None:
         )
         result = shapes_client.ground(request).results[0]
         want = [o.box for o in scene.objects if o.shape == obj.shape]
-        assert len(result.boxes) == len(want)
+        named = [b for b in result.boxes if b.label == plural]
+        assert len(named) == len(want)
         for box in want:
-            assert any(b.label == plural and iou(b.xyxy, box) >= 0.9 for b in result.boxes)
+            assert any(iou(b.xyxy, box) >= 0.9 for b in named)
+        # the absent kind gets at most its best partial match: labelled with only the words that
+        # match that object, at no more than half a full match's score
+        absent = absent_phrase(scene)
+        partial = [b for b in result.boxes if b.label != plural]
+        assert len(partial) <= 1
+        assert all(set(b.label.split()) < set(absent.split()) and b.score <= 0.5 for b in partial)
 
 
 def test_score_threshold_applies(shapes_client: GrounderClient) -> None:
