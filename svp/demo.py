@@ -190,6 +190,8 @@ def demo_command(
     work_dir: Path = typer.Option(Path("artifacts/demo"), help="Stack logs, Redis data, adapters and the report."),
     world_root: Path | None = typer.Option(None, envvar="SVP_WORLD_ROOT", help="ShapesWorld cache (built if missing)."),
     scale: str = typer.Option("full", help="ShapesWorld scale: 'full' (the demo) or 'ci' (seconds, for tests)."),
+    seed: int | None = typer.Option(None, help="First seed of the ShapesWorld build (as `svp world build --seed`)."),
+    precision: str = typer.Option("auto", help="Its stage-2 precision: auto, bf16 or float32."),
     images: int = typer.Option(DEMO_IMAGES, min=1, help="Unlabelled images adapted on."),
     k: int = typer.Option(DEMO_K, min=1, help="Samples per image (K)."),
     top_ratio: float = typer.Option(DEMO_TOP_RATIO, help="Fraction of each image's samples kept."),
@@ -201,16 +203,17 @@ def demo_command(
 ) -> None:
     """One SVP round on ShapesWorld through the real REST API, then base vs adapted on held-out scenes."""
     _quiet_http_logs()
-    from svp.world.build import ensure_world
+    from svp.world.build import ensure_world, scale_spec
 
     try:
         require_prerequisites()  # before a 20-minute world build, not after it
-    except RuntimeError as exc:
+        spec = scale_spec(scale, seed, precision)
+    except (RuntimeError, ValueError) as exc:
         raise typer.Exit(_fail(str(exc))) from exc
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    world = ensure_world(world_root, scale=scale, progress=True)
+    world = ensure_world(world_root, scale=spec, progress=True)
     timings["world_s"] = time.perf_counter() - started
     data_root = world.root / "data"
     unlabelled = sorted((world.data_dirs["unlabelled"] / "images").glob("*.png"))[:images]

@@ -66,6 +66,22 @@ SCALES: dict[str, WorldScale] = {
 }
 
 
+PRECISIONS = {"auto": None, "bf16": True, "float32": False}
+
+
+def scale_spec(scale: str, seed: int | None = None, precision: str = "auto") -> WorldScale:
+    """The named scale with another first seed and/or stage-2 precision (``svp world build`` and
+    ``svp demo`` options)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    spec = SCALES[scale]
+    model = dataclasses.replace(spec.model, bf16=PRECISIONS[precision],
+                                seed=spec.model.seed if seed is None else seed)
+    return dataclasses.replace(spec, model=model)
+
+
 class WorldGateError(RuntimeError):
     """Every attempt of a build failed its quality gate."""
 
@@ -112,10 +128,12 @@ def write_vq_pairs(split_dir: Path, n: int) -> Path:
 
 
 def _expected(scale: WorldScale) -> dict[str, Any]:
+    # threads set speed, not the recipe: a build made with one thread is reused by a run with two
+    model_config = {k: v for k, v in scale.model.to_json().items() if k != "threads"}
     return {
         "version": WORLD_VERSION,
         "scale": scale.name,
-        "model_config": scale.model.to_json(),
+        "model_config": model_config,
         "gate_thresholds": dataclasses.asdict(scale.gate),
         "splits": {"train": scale.model.train_scenes, "unlabelled": scale.unlabelled_scenes, "test": scale.test_scenes},
     }

@@ -23,21 +23,15 @@ def build(
                                                "'bf16' or 'float32'."),
 ) -> None:
     """Build (or reuse) the versioned data exports and the gated base VLM; prints where they are and the gate."""
-    import dataclasses
-
-    from svp.world.build import SCALES, WorldGateError, ensure_world
+    from svp.world.build import WorldGateError, ensure_world, scale_spec
     from svp.world.gate import gate_table
 
-    if scale not in SCALES:
-        raise typer.BadParameter(f"unknown scale {scale!r}; known: {', '.join(SCALES)}", param_hint="--scale")
-    bf16 = {"auto": None, "bf16": True, "float32": False}
-    if precision not in bf16:
-        raise typer.BadParameter("must be auto, bf16 or float32", param_hint="--precision")
-    spec = SCALES[scale]
-    model = dataclasses.replace(spec.model, bf16=bf16[precision],
-                                seed=spec.model.seed if seed is None else seed)
     try:
-        world = ensure_world(root, scale=dataclasses.replace(spec, model=model), force=force)
+        spec = scale_spec(scale, seed, precision)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    try:
+        world = ensure_world(root, scale=spec, force=force)
     except WorldGateError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc
