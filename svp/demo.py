@@ -349,8 +349,9 @@ def _timing_line(timings: dict[str, float]) -> str:
 def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str, float]]],
                       intervals: dict[str, dict[str, Interval]], test_scenes: int, runs: dict[str, RunPublic],
                       timings: dict[str, float], world_build: dict[str, object]) -> Path:
-    """``results.json``, ``metrics.png`` (headline metrics per model), ``scores.png`` (score histogram of
-    all vs selected candidates) and ``report.md`` under ``<artifact_root>/demo/<SVP run id>/``."""
+    """``results.json``, ``objects.png`` (recall and hallucination with their intervals), ``metrics.png``
+    (headline metrics per model), ``scores.png`` (score histogram of all vs selected candidates) and
+    ``report.md`` under ``<artifact_root>/demo/<SVP run id>/``."""
     import json
 
     import matplotlib
@@ -381,6 +382,19 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
     fig.savefig(out / "metrics.png", dpi=120)
     plt.close(fig)
 
+    # The object metrics with their 95 % intervals: what says whether SVP helped beyond noise.
+    models = [n for n in intervals if " - " not in n]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    for ax, metric in zip(axes, ("object_recall", "hallucination_rate"), strict=True):
+        bars = [intervals[n][metric] for n in models]
+        ax.bar(models, [b.value for b in bars], color=[f"C{i}" for i in range(len(models))],
+               yerr=[[b.value - b.low for b in bars], [b.high - b.value for b in bars]], capsize=6)
+        ax.set_title(metric.replace("_", " "))
+    fig.suptitle(f"{test_scenes} held-out scenes, 95 % bootstrap intervals")
+    fig.tight_layout()
+    fig.savefig(out / "objects.png", dpi=120)
+    plt.close(fig)
+
     candidates_file = artifact_root / "runs" / svp_run.id / "round-1" / "candidates.jsonl"
     records = [ImageResult.model_validate_json(line) for line in candidates_file.read_text().splitlines()]
     every: list[float] = [c.score for r in records for c in r.candidates if c.score is not None]
@@ -401,7 +415,7 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
         f"score {c.score}, preset {c.preset}, max_new_tokens {c.max_new_tokens}.", "",
         "```", comparison_table(results), "", intervals_table(intervals, test_scenes), "```", "",
         verdict(intervals), "", "```", base_model_section(world_build), "```", "", _timing_line(timings), "",
-        "![metrics](metrics.png)", "", "![scores](scores.png)", "",
+        "![objects](objects.png)", "", "![metrics](metrics.png)", "", "![scores](scores.png)", "",
     ]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"

@@ -27,7 +27,7 @@ def test_demo_runs_one_round_and_reports_base_vs_svp(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "SVP - base" in done.stdout and "objects/object_recall" in done.stdout
     (report_dir,) = (work / "artifacts" / "demo").iterdir()
-    for name in ("report.md", "results.json", "metrics.png", "scores.png"):
+    for name in ("report.md", "results.json", "objects.png", "metrics.png", "scores.png"):
         assert (report_dir / name).stat().st_size > 0, name
     results = json.loads((report_dir / "results.json").read_text())
     assert set(results["results"]) == {"base", "SVP"}
@@ -36,6 +36,10 @@ def test_demo_runs_one_round_and_reports_base_vs_svp(tmp_path: Path) -> None:
     assert run["state"] == "succeeded" and run["rounds"][0]["images_done"] == 8
     assert run["rounds"][0]["adapter"] == f"run-{run['id']}-r1"
     assert {"stack_start_s", "run_s[SVP]", "eval_s", "total_s"} <= set(results["timings"])
+    # the object metrics come with intervals, and the report says what the base model's gate was
+    delta = results["intervals"]["SVP - base"]["object_recall"]
+    assert delta["low"] <= delta["value"] <= delta["high"]
+    assert "passed its gate" in (report_dir / "report.md").read_text()
 
 
 def test_demo_without_redis_server_says_so_before_building_anything(tmp_path: Path) -> None:
