@@ -54,8 +54,8 @@ class WorldScale:
 
 # The CI model trains for seconds: its gate asks only for a tower that reads above chance (1/4
 # shapes, 1/6 colours). Its decoder is too small and too briefly trained to read shapes — it
-# names one shape for everything, as a collapsed full build does (tests check the full gate
-# refuses it) — so no generation bound applies to it.
+# names one shape for everything, as a collapsed full build does — so no generation bound
+# applies to it (tests check the full gate's top-shape bound on captions of known counts).
 CI_GATE = GateThresholds(min_readout={"shape": 0.3, "colour": 0.3}, min_all_boxed=0.0, min_recall=0.0,
                          max_hallucination=1.0, max_top_shape_share=1.0, scenes=16)
 
@@ -187,10 +187,12 @@ def train_gated(model_dir: Path, spec: WorldScale, progress: bool = True) -> dic
         gate = {**{f"readout_{k}": v for k, v in report.vision_readout.items()},
                 **measure_gate(model_dir, spec.gate, start=config.train_scenes, progress=progress)}
         failures = gate_failures(gate, spec.gate)
-        log.info("ShapesWorld gate, seed %d:\n%s", config.seed, gate_table(gate, spec.gate))
+        table = f"ShapesWorld gate, seed {config.seed} ({spec.gate.scenes} held-out train scenes):\n" + gate_table(
+            gate, spec.gate)
         if progress:
-            print(f"\nShapesWorld gate, seed {config.seed} ({spec.gate.scenes} held-out train scenes):\n"
-                  + gate_table(gate, spec.gate), flush=True)
+            print(f"\n{table}", flush=True)  # between the progress bars, where the person building looks
+        else:
+            log.info(table)
         attempts.append({"seed": config.seed, "stage": "gate", "failures": failures, "gate": gate})
         if not failures:
             return {
