@@ -36,13 +36,16 @@ def tiny_vlm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: build_tiny_vlm(root / arch, arch, "llava_v1", seed=0) for arch in TINY_VLM_ARCHS}
 
 
-def save_perturbed_lora(model_dir: Path, out_dir: Path, seed: int = 1, scale: float = 0.5) -> Path:
-    """A peft LoRA adapter (q/v projections) for ``model_dir`` whose B matrices are random, so it changes outputs."""
+def save_perturbed_lora(model_dir: Path, out_dir: Path, seed: int = 1, scale: float = 0.5,
+                        target_modules: list[str] | str | None = None) -> Path:
+    """A peft LoRA adapter for ``model_dir`` whose B matrices are random, so it changes outputs.
+    ``target_modules`` default: every q/v projection (the vision tower's too)."""
     from peft import LoraConfig, get_peft_model
 
     from svp.models.loading import load_vlm
 
-    peft_model = get_peft_model(load_vlm(model_dir).model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules or ["q_proj", "v_proj"])
+    peft_model = get_peft_model(load_vlm(model_dir).model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

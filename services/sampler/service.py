@@ -8,14 +8,15 @@ from services.sampler.engine import create_engine
 from services.sampler.settings import Settings
 from svp.contract import Sample, SampleRequest, SampleResponse, Timings, TopLogprob
 from svp.grounding import render_context
-from svp.models.engine import GeneratedSample, GenerationJob, SamplingEngine
+from svp.models.engine import ContinuousSamplingEngine, GeneratedSample, GenerationJob, SamplingEngine
 from svp.models.serving import VLMService
 from svp.prompts import prompt_record
 from svp.service import ServiceError
 
 
-class SamplerService(VLMService[SamplingEngine, GenerationJob, list[GeneratedSample]]):
-    """``n`` samples of one image under the base or the grounded prompt, micro-batched with other requests."""
+class SamplerService(VLMService[SamplingEngine | ContinuousSamplingEngine, GenerationJob, list[GeneratedSample]]):
+    """``n`` samples of one image under the base or the grounded prompt: micro-batched with other
+    requests, or handed straight to an engine that batches continuously (vLLM)."""
 
     settings: Settings
 
@@ -23,7 +24,9 @@ class SamplerService(VLMService[SamplingEngine, GenerationJob, list[GeneratedSam
         super().__init__(settings, create_engine)
 
     def _run_batch(self, jobs: Sequence[GenerationJob]) -> Sequence[list[GeneratedSample] | Exception]:
-        return self.engine.generate(jobs)
+        engine = self.engine
+        assert isinstance(engine, SamplingEngine), "a continuous engine is never micro-batched"
+        return engine.generate(jobs)
 
     def _job_rows(self, job: GenerationJob) -> int:
         return job.n
@@ -52,7 +55,10 @@ class SamplerService(VLMService[SamplingEngine, GenerationJob, list[GeneratedSam
             top_logprobs=request.top_logprobs,
             adapter=request.adapter,
         )
-        result = await self.submit(job)
+        if isinstance(engine, ContinuousSamplingEngine):
+            result = await self.run_direct(engine.generate_async, job)
+        else:
+            result = await self.submit(job)
         samples = [
             Sample(
                 text=s.text,

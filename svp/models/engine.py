@@ -2,8 +2,8 @@
 
 An engine runs batches of jobs on one model. It is not thread-safe: the services call it from a
 single worker thread (see :mod:`svp.models.batching`), never from the event loop. The sampler
-talks to a :class:`SamplingEngine`, the scorer to a :class:`ScoringEngine`; a vLLM sampling engine
-implements :class:`SamplingEngine` and plugs into the sampler's factory without touching routes.
+talks to a :class:`SamplingEngine` (micro-batched) or a :class:`ContinuousSamplingEngine` (which
+batches itself: :mod:`svp.models.vllm_engine`), the scorer to a :class:`ScoringEngine`.
 """
 
 from __future__ import annotations
@@ -128,6 +128,9 @@ class ModelEngine(ABC):
     def load_adapter(self, name: str, artifact_root: Path) -> Path:
         """Load ``<artifact_root>/adapters/<name>`` (idempotent); raises ``AdapterNotFoundError``."""
 
+    def shutdown(self) -> None:  # noqa: B027  # most engines hold nothing to stop
+        """Stop the engine's own worker processes, if it has any."""
+
 
 class SamplingEngine(ModelEngine):
     @abstractmethod
@@ -137,6 +140,15 @@ class SamplingEngine(ModelEngine):
         Jobs may use different adapters, prompts and images. The image placeholder token is never
         emitted. With a ``seed``, a job's samples do not depend on the other jobs of the batch.
         """
+
+
+class ContinuousSamplingEngine(ModelEngine):
+    """A sampling engine that batches concurrent jobs itself (vLLM's continuous batching): the
+    sampler awaits each job on the event loop instead of queueing it for the micro-batcher."""
+
+    @abstractmethod
+    async def generate_async(self, job: GenerationJob) -> list[GeneratedSample]:
+        """``job.n`` samples, with :meth:`SamplingEngine.generate`'s guarantees; many calls run at once."""
 
 
 class ScoringEngine(ModelEngine):
@@ -169,10 +181,7 @@ class TransformersEngine(SamplingEngine, ScoringEngine):
 
     def __init__(self, vlm: LoadedVLM):
         self.vlm = vlm
-        suppressed = {vlm.image_token_id, *range(len(vlm.tokenizer), vlm.vocab_size)}
-        if vlm.pad_token_id not in vlm.stop_token_ids:
-            suppressed.add(vlm.pad_token_id)
-        self._suppressed = torch.tensor(sorted(suppressed), dtype=torch.long, device=vlm.device)
+        self._suppressed = torch.tensor(sorted(vlm.suppressed_token_ids), dtype=torch.long, device=vlm.device)
         self._stop_ids = torch.tensor(sorted(vlm.stop_token_ids), dtype=torch.long, device=vlm.device)
 
     @property

@@ -19,6 +19,7 @@ that predict every continuation token sit in the last columns for all rows (``lo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from PIL import Image
 from transformers import (
     AutoConfig,
     AutoProcessor,
+    GenerationConfig,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
 )
@@ -145,17 +147,20 @@ class Prefilled:
 
 
 @dataclass
-class LoadedVLM:
-    """A loaded VLM and everything needed to prompt it. Not thread-safe: use it from one thread."""
+class VLMPrompter:
+    """What it takes to prompt a VLM without its weights: processor, config, chat format. The vLLM
+    engine renders prompts with it exactly as the transformers engine does (which holds one as
+    part of its :class:`LoadedVLM`)."""
 
     name: str
-    model: Any  # a PreTrainedModel, or a peft.PeftModel around it once an adapter is loaded
     processor: Any
+    config: Any
+    """The checkpoint's ``PretrainedConfig``."""
+    generation_config: Any
+    """Its ``GenerationConfig`` (as the model would use it)."""
     chat_format: str
-    device: torch.device
-    dtype: torch.dtype
-    adapters: dict[str, Path] = field(default_factory=dict)
-    _fold_system: bool = False
+    fold_system: bool = False
+    """The chat template refuses a system message: its text goes into the user turn."""
 
     # ------------------------------------------------------------ vocabulary
 
@@ -165,12 +170,12 @@ class LoadedVLM:
 
     @property
     def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
+        return int(self.config.image_token_id)
 
     @property
     def vocab_size(self) -> int:
         """Size of the model's output distribution (may exceed the tokenizer's length)."""
-        return int(self.model.config.get_text_config().vocab_size)
+        return int(self.config.get_text_config().vocab_size)
 
     @property
     def pad_token_id(self) -> int:
@@ -183,13 +188,22 @@ class LoadedVLM:
         ids: set[int] = set()
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        gen_eos = getattr(self.generation_config, "eos_token_id", None)
         if gen_eos is not None:
             ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, list) else [gen_eos]))
         im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
             ids.add(im_end)
         return ids
+
+    @property
+    def suppressed_token_ids(self) -> set[int]:
+        """Ids never generated: the image placeholder, ids past the tokenizer (padding rows of the
+        embedding), and the pad token unless it is also a stop token."""
+        suppressed = {self.image_token_id, *range(len(self.tokenizer), self.vocab_size)}
+        if self.pad_token_id not in self.stop_token_ids:
+            suppressed.add(self.pad_token_id)
+        return suppressed
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True)).strip()
@@ -199,7 +213,7 @@ class LoadedVLM:
     def messages(self, kind: PromptKind, context: str = "", answer: str | None = None) -> list[dict[str, Any]]:
         """SVP messages for ``kind``; the system text is folded into the user turn when the template needs it."""
         messages = build_messages(kind, context, answer=answer)
-        if not self._fold_system:
+        if not self.fold_system:
             return messages
         system_text = messages[0]["content"][0]["text"]
         user = messages[1]
@@ -216,16 +230,36 @@ class LoadedVLM:
             self.processor.apply_chat_template(self.messages(kind, context), add_generation_prompt=True, tokenize=False)
         )
 
+    def adds_special_tokens(self, text: str) -> bool:
+        """Whether tokenising ``text`` adds BOS: not when the template wrote one (as the processor's
+        own apply_chat_template does, so there is never a second BOS)."""
+        bos = self.tokenizer.bos_token
+        return not (bos is not None and text.startswith(bos))
+
+    def prompt_token_ids(self, kind: PromptKind, context: str = "") -> list[int]:
+        """The rendered prompt's token ids with the image placeholder NOT expanded (one token per
+        image): what an engine that expands placeholders itself (vLLM) takes."""
+        text = self.render_prompt(kind, context)
+        return list(self.tokenizer(text, add_special_tokens=self.adds_special_tokens(text))["input_ids"])
+
+
+@dataclass(kw_only=True)
+class LoadedVLM(VLMPrompter):
+    """A loaded VLM and everything needed to prompt it. Not thread-safe: use it from one thread."""
+
+    model: Any  # a PreTrainedModel, or a peft.PeftModel around it once an adapter is loaded
+    device: torch.device
+    dtype: torch.dtype
+    adapters: dict[str, Path] = field(default_factory=dict)
+
     def prompt_inputs(self, image: Image.Image, kind: PromptKind, context: str = "") -> PromptInputs:
         """Tokenise the rendered prompt with ``image``: the processor expands the image placeholder."""
         return self.text_inputs(image, self.render_prompt(kind, context))
 
     def text_inputs(self, image: Image.Image, text: str) -> PromptInputs:
         """Tokenise an already rendered chat ``text`` with ``image`` (any conversation, e.g. a probe question)."""
-        bos = self.tokenizer.bos_token
-        # Like the processor's own apply_chat_template: no second BOS when the template wrote one.
-        add_special = not (bos is not None and text.startswith(bos))
-        encoded = self.processor(images=image, text=text, return_tensors="pt", add_special_tokens=add_special)
+        encoded = self.processor(images=image, text=text, return_tensors="pt",
+                                 add_special_tokens=self.adds_special_tokens(text))
         vision = {
             k: (v.to(self.device, self.dtype) if torch.is_floating_point(v) else v.to(self.device))
             for k, v in encoded.items()
@@ -323,12 +357,7 @@ class LoadedVLM:
         """Load the PEFT adapter saved at ``<artifact_root>/adapters/<name>`` under ``name`` (idempotent)."""
         if name in self.adapters:
             return self.adapters[name]
-        if not ADAPTER_NAME.match(name):
-            raise AdapterNotFoundError(name, "not a valid adapter name")
-        root = (Path(artifact_root) / "adapters").resolve()
-        path = (root / name).resolve()
-        if root not in path.parents or not (path / "adapter_config.json").is_file():
-            raise AdapterNotFoundError(name, f"no adapter_config.json in {root / name}")
+        path = adapter_path(name, artifact_root)
         from peft import PeftModel
 
         if isinstance(self.model, PeftModel):
@@ -355,33 +384,56 @@ class LoadedVLM:
             yield
 
 
-def load_vlm(name_or_path: str | Path, device: str = "cpu", dtype: torch.dtype | str = torch.float32) -> LoadedVLM:
-    """Load the model and processor of a supported VLM from a Hugging Face id or a local directory.
+def adapter_path(name: str, artifact_root: str | Path) -> Path:
+    """``<artifact_root>/adapters/<name>``, checked: a valid name, inside the root, with an
+    ``adapter_config.json``; else :class:`AdapterNotFoundError`."""
+    if not ADAPTER_NAME.match(name):
+        raise AdapterNotFoundError(name, "not a valid adapter name")
+    root = (Path(artifact_root) / "adapters").resolve()
+    path = (root / name).resolve()
+    if root not in path.parents or not (path / "adapter_config.json").is_file():
+        raise AdapterNotFoundError(name, f"no adapter_config.json in {root / name}")
+    return path
+
+
+def load_prompter(name_or_path: str | Path) -> VLMPrompter:
+    """Config, processor and chat format of a supported VLM, without its weights.
 
     Raises :class:`ModelNotFoundError` when nothing loadable is there and
     :class:`UnsupportedModelError` for an architecture outside :data:`MODEL_CLASSES`.
     """
     name = str(name_or_path)
-    torch_dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"model {name!r} not found: {exc}") from exc
-    model_cls = MODEL_CLASSES.get(config.model_type)
-    if model_cls is None:
+    if config.model_type not in MODEL_CLASSES:
         raise UnsupportedModelError(
             f"model {name!r} has architecture {config.model_type!r}; supported: {', '.join(MODEL_CLASSES)}"
         )
     processor = AutoProcessor.from_pretrained(name)
-    model = model_cls.from_pretrained(name, dtype=torch_dtype).to(device)
-    model.eval()
-    chat_format = detect_chat_format(getattr(processor, "chat_template", None))
-    vlm = LoadedVLM(name=name, model=model, processor=processor, chat_format=chat_format,
-                    device=torch.device(device), dtype=torch_dtype)
-    vlm._fold_system = _template_rejects_system(processor)
-    if vlm._fold_system:
+    try:
+        generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:  # no generation_config.json: the one transformers derives from the config
+        generation_config = GenerationConfig.from_model_config(config)
+    fold_system = _template_rejects_system(processor)
+    if fold_system:
         log.info("chat template of %s rejects the system role: system text goes into the user turn", name)
-    return vlm
+    return VLMPrompter(name=name, processor=processor, config=config, generation_config=generation_config,
+                       chat_format=detect_chat_format(getattr(processor, "chat_template", None)),
+                       fold_system=fold_system)
+
+
+def load_vlm(name_or_path: str | Path, device: str = "cpu", dtype: torch.dtype | str = torch.float32) -> LoadedVLM:
+    """Load the model and processor of a supported VLM from a Hugging Face id or a local directory
+    (errors as :func:`load_prompter`)."""
+    prompter = load_prompter(name_or_path)
+    torch_dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    model_cls = MODEL_CLASSES[prompter.config.model_type]
+    model = model_cls.from_pretrained(prompter.name, dtype=torch_dtype).to(device)
+    model.eval()
+    return LoadedVLM(**{f.name: getattr(prompter, f.name) for f in dataclasses.fields(VLMPrompter)},
+                     model=model, device=torch.device(device), dtype=torch_dtype)
 
 
 def _template_rejects_system(processor: Any) -> bool:

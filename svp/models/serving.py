@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Generic, TypeVar
 
 import torch
@@ -98,6 +99,8 @@ class VLMService(ABC, Generic[EngineT, JobT, ResultT]):
     async def stop(self) -> None:
         if self._batcher is not None:
             await self._batcher.stop()
+        if self._engine is not None:
+            self._engine.shutdown()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def health(self) -> Health:
@@ -127,14 +130,16 @@ class VLMService(ABC, Generic[EngineT, JobT, ResultT]):
         """Queue ``job`` for the next batch; engine errors come back as 4xx/5xx :class:`ServiceError`."""
         if self._batcher is None:
             raise ServiceError(503, "service is not started", "unavailable_error")
-        try:
+        with engine_errors():
             return await self._batcher.submit(job)
-        except AdapterNotFoundError as exc:
-            raise not_found(str(exc), "adapter") from exc
-        except InvalidInputError as exc:
-            raise ServiceError(400, str(exc)) from exc
-        # Anything else (a ValueError from a bug included) is a 500: a bad request the caller
-        # would give up on must not hide a server fault it should retry.
+
+    async def run_direct(self, run: Callable[[JobT], Awaitable[ResultT]], job: JobT) -> BatchedResult[ResultT]:
+        """Await ``run(job)`` on the event loop: for an engine that batches concurrent jobs itself.
+        Its own queueing is part of ``compute_s``."""
+        start = time.perf_counter()
+        with engine_errors():
+            value = await run(job)
+        return BatchedResult(value=value, queue_s=0.0, compute_s=time.perf_counter() - start, batch_jobs=1)
 
     # ------------------------------------------------------------ request checks
 
@@ -163,6 +168,19 @@ class VLMService(ABC, Generic[EngineT, JobT, ResultT]):
     def list_adapters(self) -> AdaptersPublic:
         data = [AdapterPublic(name=n, path=str(p)) for n, p in sorted(self.engine.adapters.items())]
         return AdaptersPublic(data=data, count=len(data))
+
+
+@contextmanager
+def engine_errors() -> Iterator[None]:
+    """An engine's errors as the client should see them: a missing adapter 404, invalid input 400.
+    Anything else (a ValueError from a bug included) stays a 500: a bad request the caller would
+    give up on must not hide a server fault it should retry."""
+    try:
+        yield
+    except AdapterNotFoundError as exc:
+        raise not_found(str(exc), "adapter") from exc
+    except InvalidInputError as exc:
+        raise ServiceError(400, str(exc)) from exc
 
 
 def adapter_router(service: VLMService) -> APIRouter:

@@ -1,0 +1,214 @@
+"""The vLLM sampling engine.
+
+On CPU: what it shares with the transformers engine without vLLM — unexpanded prompt ids that
+expand to the processor's, which adapters vLLM can serve, the settings, and a clear load error
+where vLLM is missing. On a CUDA machine with vLLM (``-m gpu``): vLLM and the transformers engine
+on the same tiny LLaVA, float32 on both sides, give the same greedy tokens, the same raw log-probs
+(sampled continuations against teacher forcing), the same top log-probs and the same adapted
+outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from services.sampler.service import SamplerService
+from services.sampler.settings import Settings
+from svp.models.engine import GeneratedSample, GenerationJob, TransformersEngine
+from svp.models.loading import InvalidInputError, load_prompter, load_vlm
+from svp.models.vllm_engine import UnsupportedAdapterError, lora_servable
+from tests.conftest import save_perturbed_lora
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+IMAGE = Image.new("RGB", (40, 30), "red")
+CONTEXT = "red circle: [0.10, 0.20, 0.30, 0.40]\nblue square: [0.50, 0.50, 0.90, 0.80]"
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+def test_unexpanded_prompt_ids_expand_to_the_processors(tiny_vlm_dirs: dict[str, Path], arch: str) -> None:
+    vlm = load_vlm(tiny_vlm_dirs[arch])
+    for kind, context in (("base", ""), ("grounded", CONTEXT)):
+        ids = vlm.prompt_token_ids(kind, context)
+        expanded = vlm.prompt_inputs(IMAGE, kind, context).input_ids.tolist()
+        assert ids.count(vlm.image_token_id) == 1
+        # vLLM replaces the one placeholder by the image's tokens: the processor's ids come back.
+        at, n = ids.index(vlm.image_token_id), expanded.count(vlm.image_token_id)
+        assert ids[:at] + [vlm.image_token_id] * n + ids[at + 1 :] == expanded
+
+
+def test_the_prompter_alone_renders_what_the_loaded_model_renders(tiny_vlm_dirs: dict[str, Path]) -> None:
+    prompter, vlm = load_prompter(tiny_vlm_dirs["llava"]), load_vlm(tiny_vlm_dirs["llava"])
+    assert prompter.render_prompt("grounded", CONTEXT) == vlm.render_prompt("grounded", CONTEXT)
+    assert prompter.stop_token_ids == vlm.stop_token_ids
+    assert prompter.suppressed_token_ids == vlm.suppressed_token_ids
+    assert vlm.image_token_id in prompter.suppressed_token_ids
+
+
+@pytest.fixture(scope="module")
+def language_model_adapter(tiny_vlm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifact root with ``adapters/lm``: a perturbed LoRA on the language model's linear layers,
+    what the trainer writes."""
+    from svp.training.lora import language_model_target
+
+    root = tmp_path_factory.mktemp("lm-adapter")
+    save_perturbed_lora(tiny_vlm_dirs["llava"], root / "adapters" / "lm",
+                        target_modules=language_model_target(load_vlm(tiny_vlm_dirs["llava"]).model))
+    return root
+
+
+def test_vllm_serves_lora_on_the_language_model_only(language_model_adapter: Path, tiny_vlm_artifacts: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    adapter = language_model_adapter / "adapters" / "lm"
+    lora_servable(adapter)  # the trainer's kind of adapter
+    projector = tmp_path / "p"
+    shutil.copytree(adapter, projector)
+    config = json.loads((projector / "adapter_config.json").read_text())
+    (projector / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["multi_modal_projector"]}))
+    with pytest.raises(UnsupportedAdapterError, match="merge=true"):
+        lora_servable(projector)
+    with pytest.raises(UnsupportedAdapterError, match="vision_tower"):  # q/v of every layer, the tower's too
+        lora_servable(tiny_vlm_artifacts["llava"] / "adapters" / "x")
+    assert issubclass(UnsupportedAdapterError, InvalidInputError)  # a 400 naming the way out, not a 500
+
+
+def test_vllm_settings_follow_the_sampler_settings(tiny_vlm_dirs: dict[str, Path]) -> None:
+    settings = Settings(model=str(tiny_vlm_dirs["llava"]), engine="vllm", vllm_max_lora_rank=16)
+    options = settings.vllm_options()
+    assert options.dtype == "bfloat16" and options.max_lora_rank == 16  # "auto" as the transformers engine on CUDA
+    assert Settings(model="m", engine="vllm", dtype="float32").vllm_options().dtype == "float32"
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
+def test_without_vllm_the_vllm_sampler_reports_why_it_cannot_load(tiny_vlm_dirs: dict[str, Path]) -> None:
+    async def health() -> str | None:
+        service = SamplerService(Settings(model=str(tiny_vlm_dirs["llava"]), engine="vllm"))
+        await service.start()
+        await service.wait_loaded()
+        await service.stop()
+        status = service.health()
+        assert status.status == "error"
+        return status.detail
+
+    assert "pip install -e '.[gpu]'" in (asyncio.run(health()) or "")
+
+
+# ---------------------------------------------------------------- on a GPU with vLLM
+
+needs_vllm_gpu = pytest.mark.skipif(not (HAS_VLLM and torch.cuda.is_available()), reason="needs CUDA and vLLM")
+
+
+def job(**overrides: object) -> GenerationJob:
+    fields: dict[str, object] = dict(image=IMAGE, prompt_kind="base", context="", n=1, temperature=0.0, top_p=1.0,
+                                     max_new_tokens=24, seed=0, top_logprobs=0, adapter=None)
+    return GenerationJob(**{**fields, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def image_token_model(tiny_vlm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA with the image placeholder's output row set to 1.5x the row of the token
+    greedy decoding starts with: the raw distribution's top token at step 0 is the placeholder,
+    which neither engine may generate."""
+    out = tmp_path_factory.mktemp("vllm") / "llava"
+    shutil.copytree(tiny_vlm_dirs["llava"], out)
+    first = TransformersEngine(load_vlm(out)).generate([job(max_new_tokens=1)])[0]
+    assert not isinstance(first, Exception)
+    weights = load_file(str(out / "model.safetensors"))
+    head = next(k for k in weights if k.endswith("lm_head.weight"))
+    image_token = load_prompter(out).image_token_id
+    weights[head][image_token] = 1.5 * weights[head][first[0].token_ids[0]]
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(image_token_model: Path):
+    from svp.models.vllm_engine import VLLMEngine, VLLMOptions
+
+    options = VLLMOptions(dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True, max_lora_rank=8,
+                          attention_backend="TRITON_ATTN")
+    vllm_engine = VLLMEngine.create(str(image_token_model), options)
+    reference = TransformersEngine(load_vlm(image_token_model, device="cuda", dtype=torch.float32))
+    yield vllm_engine, reference
+    vllm_engine.shutdown()
+
+
+def run_both(engines, jobs: list[GenerationJob]) -> tuple[list[list[GeneratedSample]], list[list[GeneratedSample]]]:
+    vllm_engine, reference = engines
+
+    async def all_vllm():
+        return await asyncio.gather(*(vllm_engine.generate_async(j) for j in jobs))
+
+    ours = reference.generate(jobs)
+    assert not any(isinstance(o, Exception) for o in ours)
+    return asyncio.run(all_vllm()), ours  # type: ignore[return-value]
+
+
+@pytest.mark.gpu
+@needs_vllm_gpu
+def test_greedy_samples_and_logprobs_equal_the_transformers_engines(engines) -> None:
+    jobs = [job(), job(prompt_kind="grounded", context=CONTEXT), job(image=Image.new("RGB", (64, 48), "blue"))]
+    got, want = run_both(engines, jobs)
+    image_token = engines[1].image_token_id
+    for g, w in zip(got, want, strict=True):
+        assert g[0].token_ids == w[0].token_ids and g[0].text == w[0].text
+        assert g[0].finish_reason == w[0].finish_reason
+        assert image_token not in g[0].token_ids
+        # float32 on both sides; the kernels (Triton paged attention vs SDPA) sum in another order.
+        torch.testing.assert_close(torch.tensor(g[0].logprobs), torch.tensor(w[0].logprobs), atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_vllm_gpu
+def test_top_logprobs_are_the_raw_distributions_placeholder_included(engines) -> None:
+    got, want = run_both(engines, [job(top_logprobs=5, max_new_tokens=6)])
+    g, w = got[0][0], want[0][0]
+    assert g.top_logprobs is not None and w.top_logprobs is not None
+    assert g.top_logprobs[0][0][0] == engines[1].image_token_id  # most likely raw, never generated
+    for g_step, w_step in zip(g.top_logprobs, w.top_logprobs, strict=True):
+        assert [t for t, _ in g_step] == [t for t, _ in w_step]
+        torch.testing.assert_close(torch.tensor([v for _, v in g_step]), torch.tensor([v for _, v in w_step]),
+                                   atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_vllm_gpu
+def test_sampled_logprobs_equal_teacher_forcing_and_seeds_reproduce(engines) -> None:
+    vllm_engine, reference = engines
+    sampled = job(n=8, temperature=1.0, top_p=0.9, seed=7, prompt_kind="grounded", context=CONTEXT)
+
+    async def twice():
+        return await asyncio.gather(vllm_engine.generate_async(sampled), vllm_engine.generate_async(sampled))
+
+    first, again = asyncio.run(twice())
+    assert [s.token_ids for s in first] == [s.token_ids for s in again]
+    assert len({tuple(s.token_ids) for s in first}) > 1
+    vlm = reference.vlm
+    prompt = vlm.prompt_inputs(IMAGE, "grounded", CONTEXT)
+    rows = [s for s in first if s.token_ids]
+    logq, ids, _ = vlm.continuation_logprobs([prompt], [0] * len(rows), [s.token_ids for s in rows])
+    forced = logq.gather(-1, ids[..., None])[..., 0].cpu()
+    for r, s in enumerate(rows):
+        assert engines[1].image_token_id not in s.token_ids
+        torch.testing.assert_close(torch.tensor(s.logprobs), forced[r, : len(s.logprobs)], atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_vllm_gpu
+def test_an_adapter_changes_outputs_exactly_as_peft_does(engines, language_model_adapter: Path) -> None:
+    for engine in engines:
+        engine.load_adapter("lm", language_model_adapter)
+    jobs = [job(adapter="lm"), job(adapter="lm", prompt_kind="grounded", context=CONTEXT), job()]
+    got, want = run_both(engines, jobs)
+    assert got[0][0].token_ids != got[2][0].token_ids  # the adapter changes the output
+    for g, w in zip(got, want, strict=True):
+        assert g[0].token_ids == w[0].token_ids
+        torch.testing.assert_close(torch.tensor(g[0].logprobs), torch.tensor(w[0].logprobs), atol=1e-3, rtol=0)
