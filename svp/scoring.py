@@ -13,7 +13,6 @@ counts. ``normalization="sum"`` is the paper's; ``"mean"`` divides by the number
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,44 +81,3 @@ def sequence_scores(
 ) -> SequenceScores:
     """Exact S and Δ per sequence from full-vocabulary log-probs."""
     return scores_from_stats(position_stats(logq, logp, mask), mask, normalization)
-
-
-def topk_position_stats(
-    q_top_logprobs: torch.Tensor, p_logprobs: torch.Tensor, mask: torch.Tensor, vocab_size: int
-) -> PositionStats:
-    """Approximate statistics when an engine returns only the top-k log-probs of q.
-
-    ``q_top_logprobs[b, t, i]`` is log q of the i-th top token at that position and
-    ``p_logprobs[b, t, i]`` is log p of the *same* token. The missing tail is treated so:
-
-    * KL: the tail of each distribution is lumped into one outcome, ``q_tail = 1 − Σ_top q`` and
-      ``p_tail = 1 − Σ_top p``. By the log-sum inequality this is a lower bound of the exact KL.
-    * Entropies: each tail's mass is spread uniformly over the ``vocab_size − k`` unseen tokens,
-      the maximum-entropy completion, so the entropies are upper bounds.
-
-    With k = vocab_size the tails are empty and every statistic is exact.
-    """
-    if q_top_logprobs.shape != p_logprobs.shape:
-        raise ValueError("q_top_logprobs and p_logprobs must have the same shape")
-    k = q_top_logprobs.shape[-1]
-    if k > vocab_size:
-        raise ValueError(f"top-k ({k}) cannot exceed the vocabulary ({vocab_size})")
-    lq, lp = q_top_logprobs.double(), p_logprobs.double()
-    m = mask.to(lq.dtype)
-    q_tail = (1.0 - lq.exp().sum(-1)).clamp(min=0.0)
-    p_tail = (1.0 - lp.exp().sum(-1)).clamp(min=0.0)
-    eps = 1e-12
-    kl_top = torch.where(torch.isneginf(lq), torch.zeros_like(lq), lq.exp() * (lq - lp)).sum(-1)
-    kl_tail = torch.where(
-        q_tail > eps, q_tail * (torch.log(q_tail.clamp(min=eps)) - torch.log(p_tail.clamp(min=eps))), 0.0
-    )
-    unseen = vocab_size - k
-
-    def entropy(top: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        h = -_xlogy_exp(top).sum(-1)
-        if unseen == 0:
-            return h
-        tail_h = torch.where(tail > eps, -tail * (torch.log(tail.clamp(min=eps)) - math.log(unseen)), 0.0)
-        return h + tail_h
-
-    return PositionStats(kl=(kl_top + kl_tail) * m, entropy_q=entropy(lq, q_tail) * m, entropy_p=entropy(lp, p_tail) * m)
