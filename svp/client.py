@@ -51,8 +51,20 @@ class APIError(Exception):
         super().__init__(f"HTTP {status}: {message}")
 
 
+MAX_RETRY_AFTER_S = 30.0
+
+
+def retry_after_s(response: httpx.Response, default: float) -> float:
+    """The response's ``Retry-After`` in seconds (the delta-seconds form), else ``default``."""
+    try:
+        return max(0.0, float(response.headers["Retry-After"]))
+    except (KeyError, ValueError):
+        return default
+
+
 class ServiceClient:
-    """Base of the typed clients: JSON in, contract models out, retries on transient failures."""
+    """Base of the typed clients: JSON in, contract models out, retries on transient failures
+    (connection errors, 5xx, and 429 after the server's Retry-After)."""
 
     def __init__(
         self,
@@ -87,9 +99,13 @@ class ServiceClient:
                     raise
                 log.warning("%s %s failed (%s); retrying", method, path, exc)
             else:
-                if response.status_code < 500 or attempt == self.retries:
+                busy = response.status_code == 429
+                if (response.status_code < 500 and not busy) or attempt == self.retries:
                     break
                 log.warning("%s %s returned %s; retrying", method, path, response.status_code)
+                if busy:  # the server says when it will have room (bounded: a client never stalls long)
+                    time.sleep(min(MAX_RETRY_AFTER_S, retry_after_s(response, self.backoff_s * 2**attempt)))
+                    continue
             time.sleep(self.backoff_s * 2**attempt)
         if response.status_code >= 400:
             try:

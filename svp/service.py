@@ -51,9 +51,10 @@ class ServiceSettings(BaseSettings):
 class ServiceError(Exception):
     """An error with an HTTP status that reaches the client in the shared envelope."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
 
 def not_found(message: str, param: str | None = None) -> ServiceError:
@@ -65,7 +66,7 @@ def error_body(status: int, message: str, type_: str, param: str | None = None) 
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 500, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 500, 503)
 }
 
 
@@ -77,7 +78,8 @@ def _validation_param(loc: tuple[Any, ...]) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.message, exc.type, exc.param), status_code=exc.status)
+        return JSONResponse(error_body(exc.status, exc.message, exc.type, exc.param), status_code=exc.status,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -39,11 +39,21 @@ class _Pending(Generic[JobT, ResultT]):
     enqueued: float
 
 
+class QueueFullError(Exception):
+    """More rows are waiting than the batcher holds; ``retry_after_s`` estimates when there is room."""
+
+    def __init__(self, queued_rows: int, retry_after_s: float):
+        super().__init__(f"{queued_rows} rows are already waiting for the model")
+        self.queued_rows, self.retry_after_s = queued_rows, retry_after_s
+
+
 class MicroBatcher(Generic[JobT, ResultT]):
     """Collects jobs submitted from the event loop and runs them in batches on ``executor``.
 
     ``run_batch(jobs)`` returns one result or one exception per job, in order; an exception is
-    raised to that job's submitter only.
+    raised to that job's submitter only. At most ``max_queued_rows`` rows wait (besides the batch
+    running): a job beyond that is refused at once with :class:`QueueFullError` rather than
+    queued for minutes, so a client backs off instead of a server's memory growing.
     """
 
     def __init__(
@@ -53,11 +63,14 @@ class MicroBatcher(Generic[JobT, ResultT]):
         size: Callable[[JobT], int],
         max_rows: int,
         max_wait_s: float,
+        max_queued_rows: int | None = None,
     ):
-        if max_rows < 1 or max_wait_s < 0:
-            raise ValueError("max_rows must be >= 1 and max_wait_s >= 0")
+        if max_rows < 1 or max_wait_s < 0 or (max_queued_rows is not None and max_queued_rows < 1):
+            raise ValueError("max_rows and max_queued_rows must be >= 1 and max_wait_s >= 0")
         self._run_batch, self._executor, self._size = run_batch, executor, size
-        self.max_rows, self.max_wait_s = max_rows, max_wait_s
+        self.max_rows, self.max_wait_s, self.max_queued_rows = max_rows, max_wait_s, max_queued_rows
+        self.queued_rows = 0
+        self._last_batch_s = 1.0
         self._queue: asyncio.Queue[_Pending[JobT, ResultT]] = asyncio.Queue()
         self._carry: _Pending[JobT, ResultT] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -78,8 +91,13 @@ class MicroBatcher(Generic[JobT, ResultT]):
     async def submit(self, job: JobT) -> BatchedResult[ResultT]:
         if self._task is None:
             raise RuntimeError("the batcher is not running")
+        size = self._size(job)
+        if self.max_queued_rows is not None and self.queued_rows > 0 and self.queued_rows + size > self.max_queued_rows:
+            # Batches ahead of this job, each about as long as the last one was.
+            raise QueueFullError(self.queued_rows, (self.queued_rows / self.max_rows + 1) * self._last_batch_s)
         future: asyncio.Future[BatchedResult[ResultT]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(job, self._size(job), future, time.perf_counter()))
+        self.queued_rows += size
+        await self._queue.put(_Pending(job, size, future, time.perf_counter()))
         return await future
 
     async def _next_batch(self) -> list[_Pending[JobT, ResultT]]:
@@ -105,6 +123,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            self.queued_rows -= sum(p.size for p in batch)
             batch = [p for p in batch if not p.future.cancelled()]  # clients that went away
             if not batch:
                 continue
@@ -113,7 +132,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
                 outputs = await loop.run_in_executor(self._executor, self._run_batch, [p.job for p in batch])
             except Exception as exc:  # the whole batch failed: every submitter gets the error
                 outputs = [exc] * len(batch)
-            compute_s = time.perf_counter() - started
+            compute_s = self._last_batch_s = time.perf_counter() - started
             log.debug("ran a batch of %d jobs (%d rows) in %.3fs", len(batch), sum(p.size for p in batch), compute_s)
             for pending, output in zip(batch, outputs, strict=True):
                 if pending.future.done():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from svp.contract import AdapterLoad, AdapterPublic, AdaptersPublic, Health, ImageInput
-from svp.models.batching import BatchedResult, MicroBatcher
+from svp.models.batching import BatchedResult, MicroBatcher, QueueFullError
 from svp.models.engine import ModelEngine
 from svp.models.loading import DTYPES, AdapterNotFoundError, InvalidInputError
 from svp.service import ERROR_RESPONSES, ServiceError, ServiceSettings, create_service_app, decode_image, not_found
@@ -44,6 +45,10 @@ class VLMServiceSettings(ServiceSettings):
     dtype: str = Field(default="auto", description="'auto' (bfloat16 on CUDA, else float32) or a dtype name.")
     max_batch_rows: int = Field(default=64, ge=1, le=4096, description="Rows (samples/continuations) per batch.")
     max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0, description="How long a batch waits to fill.")
+    max_queued_rows: int = Field(
+        default=1024, ge=1, le=1_000_000,
+        description="Rows waiting for a batch beyond which a request is refused (429 with Retry-After).",
+    )
     num_threads: int | None = Field(
         default=None, ge=1, le=1024, description="torch CPU threads of the process (None: torch's default)."
     )
@@ -78,7 +83,8 @@ class VLMService(ABC, Generic[EngineT, JobT, ResultT]):
         """Start batching and begin loading the model in the background (``health`` says when done)."""
         loop = asyncio.get_running_loop()
         self._batcher = MicroBatcher(self._run_batch, self._executor, self._job_rows,
-                                     self.settings.max_batch_rows, self.settings.max_wait_ms / 1000)
+                                     self.settings.max_batch_rows, self.settings.max_wait_ms / 1000,
+                                     self.settings.max_queued_rows)
         self._batcher.start()
         self._loading = loop.run_in_executor(self._executor, self._load)
 
@@ -172,11 +178,15 @@ class VLMService(ABC, Generic[EngineT, JobT, ResultT]):
 
 @contextmanager
 def engine_errors() -> Iterator[None]:
-    """An engine's errors as the client should see them: a missing adapter 404, invalid input 400.
+    """An engine's errors as the client should see them: a full queue 429, a missing adapter 404,
+    invalid input 400.
     Anything else (a ValueError from a bug included) stays a 500: a bad request the caller would
     give up on must not hide a server fault it should retry."""
     try:
         yield
+    except QueueFullError as exc:
+        raise ServiceError(429, f"the model is busy: {exc}; retry later", "rate_limit_error",
+                           headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from exc
     except AdapterNotFoundError as exc:
         raise not_found(str(exc), "adapter") from exc
     except InvalidInputError as exc:

@@ -192,3 +192,25 @@ def test_a_model_that_cannot_load_keeps_the_service_up_but_not_ready(tmp_path):
         await service.stop()
 
     asyncio.run(run())
+
+
+def test_a_full_queue_is_a_429_with_retry_after_that_clients_wait_out(tiny_vlm_dirs, tmp_path):
+    """One batch of 4 rows runs, 8 rows may wait: of 12 simultaneous n=4 requests most are refused
+    at once (429, Retry-After) and the service stays healthy; clients that honour Retry-After all
+    get their samples."""
+    env = {"SVP_SAMPLER_MODEL": str(tiny_vlm_dirs["llava"]), "SVP_SAMPLER_ARTIFACT_ROOT": str(tmp_path),
+           "SVP_SAMPLER_MAX_BATCH_ROWS": "4", "SVP_SAMPLER_MAX_QUEUED_ROWS": "8", "SVP_SAMPLER_MAX_WAIT_MS": "0",
+           "SVP_SAMPLER_NUM_THREADS": "1"}
+    body = _raw(GOOD_B64, n=4, max_new_tokens=48, temperature=1.0)
+    with running_service("sampler", env, tmp_path / "logs") as proc:
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(lambda _: httpx.post(f"{proc.url}/v1/samples", json=body, timeout=120), range(12)))
+        refused = [r for r in replies if r.status_code == 429]
+        assert len(refused) >= 6 and all(r.status_code == 200 for r in replies if r not in refused)
+        for r in refused:
+            assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
+        with SamplerClient(proc.url, retries=8) as client:
+            assert client.health().status == "ok"
+            with ThreadPoolExecutor(12) as pool:
+                done = list(pool.map(lambda _: client.generate(request(n=4, max_new_tokens=48)), range(12)))
+        assert all(len(r.samples) == 4 for r in done)

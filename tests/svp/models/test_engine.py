@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from svp.models.batching import MicroBatcher
+from svp.models.batching import MicroBatcher, QueueFullError
 from svp.models.engine import GenerationJob, TransformersEngine, _top_p_filter
 from svp.models.loading import load_vlm
 from svp.models.tiny import build_tiny_vlm
@@ -103,6 +104,36 @@ def test_micro_batcher_respects_the_row_budget_and_isolates_failures():
     # Two rows per job and five rows per batch: batches of two jobs, in submission order.
     assert batches == [[1, 2], [13, 4], [5]]
     assert results[0].batch_jobs == 2 and math.isclose(results[0].compute_s, results[1].compute_s)
+
+
+def test_micro_batcher_refuses_jobs_beyond_its_queue_bound_while_a_batch_runs():
+    started, release = threading.Event(), threading.Event()
+
+    def run(jobs: Sequence[int]) -> list[int | Exception]:
+        started.set()
+        release.wait(10)
+        return list(jobs)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher: MicroBatcher[int, int] = MicroBatcher(run, pool, size=lambda j: j, max_rows=4, max_wait_s=0,
+                                                           max_queued_rows=6)
+            batcher.start()
+            running = asyncio.ensure_future(batcher.submit(4))
+            while not started.is_set():  # the first batch has left the queue and blocks the model thread
+                await asyncio.sleep(0.01)
+            waiting = [asyncio.ensure_future(batcher.submit(3)) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            assert batcher.queued_rows == 6
+            with pytest.raises(QueueFullError) as full:
+                await batcher.submit(1)
+            assert full.value.queued_rows == 6 and full.value.retry_after_s > 0
+            release.set()
+            assert [(await f).value for f in (running, *waiting)] == [4, 3, 3]
+            assert (await batcher.submit(9)).value == 9  # alone in an empty queue, a job over the bound still runs
+            await batcher.stop()
+
+    asyncio.run(main())
 
 
 @pytest.mark.gpu
