@@ -77,7 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         clients.close()
         isvp_clients.close()
 
-    app = create_service_app("svp-gateway", ready, settings, lifespan=lifespan)
+    # Its callers send API keys; its own service token is what it sends to the model services.
+    app = create_service_app("svp-gateway", ready, settings, lifespan=lifespan, service_token=False)
     app.state.settings, app.state.service = settings, service
 
     @app.exception_handler(redis.RedisError)

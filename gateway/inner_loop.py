@@ -83,6 +83,7 @@ class ServiceClients:
             "timeout": timeout_s or settings.service_timeout_s,
             "retries": settings.service_retries if retries is None else retries,
             "backoff_s": settings.service_backoff_s,
+            "api_key": settings.service_token,
         }
         return cls(
             sampler=SamplerClient(settings.sampler_url, **kwargs),  # type: ignore[arg-type]

@@ -164,6 +164,7 @@ def stack_spec(work_dir: Path, data_root: Path, artifact_root: Path, model: Path
         gateway_env={"SVP_GATEWAY_BASE_MODEL": str(model.resolve()), "SVP_GATEWAY_SERVED_MODELS": str(model.resolve()),
                      "SVP_GATEWAY_TRAINING_POLL_S": "2", "SVP_GATEWAY_ROUND_CHECK_S": "1"},
         api_key=api_key,
+        service_token=secrets.token_urlsafe(24),  # only the gateway and the worker talk to the services
         worker_concurrency=workers,
     )
 

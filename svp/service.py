@@ -12,6 +12,7 @@ import base64
 import io
 import logging
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +32,11 @@ from svp.contract import ErrorDetail, ErrorResponse, Health, ImageInput
 log = logging.getLogger(__name__)
 
 
+SHARED_VARIABLES = ("SVP_ENV", "SVP_SERVICE_TOKEN")
+"""Variables every service reads besides its own ``SVP_<SERVICE>_*`` (the defaults of
+``environment`` and ``service_token``)."""
+
+
 class ServiceSettings(BaseSettings):
     """Fields every service has; each service subclasses with its own ``env_prefix``."""
 
@@ -41,6 +47,13 @@ class ServiceSettings(BaseSettings):
     max_request_bytes: int = 32 * 1024 * 1024
     """Largest request body read, checked as it arrives, before any JSON or base64 is decoded: the
     default holds one ``max_image_bytes`` image in base64 (4/3 of it) with room to spare."""
+    service_token: str | None = Field(
+        default_factory=lambda: os.environ.get("SVP_SERVICE_TOKEN") or None,
+        description="Shared secret of the model services (SVP_SERVICE_TOKEN, or per service): with it, every "
+                    "route but /healthz, /readyz and /metrics needs 'Authorization: Bearer <token>', and the "
+                    "gateway and workers send it. A NetworkPolicy admitting only the gateway and workers is "
+                    "the other layer.",
+    )
     environment: Literal["production", "development"] = Field(
         default_factory=lambda: os.environ.get("SVP_ENV", "production"),  # type: ignore[arg-type,return-value]
         description="'production' unless SVP_<SERVICE>_ENVIRONMENT or SVP_ENV says 'development': unsafe "
@@ -113,6 +126,32 @@ class ServiceMetrics:
         self.service = service
 
 
+UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Probes and the metrics scrape: answered without the service token."""
+
+
+class ServiceToken:
+    """ASGI middleware: 401 unless ``Authorization: Bearer <token>`` carries the shared service
+    token, on every path but :data:`UNAUTHENTICATED_PATHS` — checked before the body is read."""
+
+    def __init__(self, app: Any, token: str):
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[Any], Any]) -> None:
+        if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if secrets.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        message = "missing service token" if not given else "wrong service token"
+        body = JSONResponse(error_body(401, f"{message}: send 'Authorization: Bearer <SVP_SERVICE_TOKEN>'",
+                                       "authentication_error"), status_code=401)
+        await send({"type": "http.response.start", "status": 401, "headers": body.raw_headers})
+        await send({"type": "http.response.body", "body": body.body})
+
+
 class BodyLimit:
     """ASGI middleware: answer 413 when a request body exceeds ``max_bytes`` — by its declared
     Content-Length, or by what has arrived (a chunked body has none) — before the app reads it.
@@ -160,13 +199,18 @@ class BodyLimit:
 
 
 def create_service_app(
-    title: str, ready: Callable[[], Health], settings: ServiceSettings, lifespan: Any = None, version: str = "0.1.0"
+    title: str, ready: Callable[[], Health], settings: ServiceSettings, lifespan: Any = None, version: str = "0.1.0",
+    service_token: bool = True,
 ) -> FastAPI:
-    """A FastAPI app with the error envelope, ``/healthz``, ``/readyz``, ``/metrics`` and a request
-    body limit of ``settings.max_request_bytes``."""
+    """A FastAPI app with the error envelope, ``/healthz``, ``/readyz``, ``/metrics``, a request
+    body limit of ``settings.max_request_bytes`` and, with ``service_token`` and a configured
+    ``settings.service_token``, the token check (the gateway, whose clients send API keys, passes
+    ``service_token=False``)."""
     app = FastAPI(title=title, version=version, lifespan=lifespan, responses=ERROR_RESPONSES)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    if service_token and settings.service_token:
+        app.add_middleware(ServiceToken, token=settings.service_token)  # outermost: before the body is read
     metrics = ServiceMetrics(title)
     app.state.metrics = metrics
 

@@ -172,6 +172,8 @@ class StackSpec:
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     gateway_env: dict[str, str] = field(default_factory=dict)
     api_key: str | None = None
+    service_token: str | None = None
+    """Shared secret of the model services (see :class:`svp.service.ServiceSettings`)."""
     worker_concurrency: int = 2
     redis_url: str | None = None  # an existing Redis; None starts redis-server
 
@@ -192,6 +194,8 @@ class LocalStack:
     def service_env(self, service: str) -> dict[str, str]:
         prefix = f"SVP_{service.upper()}_"
         env = {f"{prefix}DATA_ROOT": str(self.spec.data_root), f"{prefix}ARTIFACT_ROOT": str(self.spec.artifact_root)}
+        if self.spec.service_token:
+            env[f"{prefix}SERVICE_TOKEN"] = self.spec.service_token
         return {**env, **self.spec.service_env.get(service, {})}
 
     def gateway_env(self) -> dict[str, str]:
@@ -203,6 +207,8 @@ class LocalStack:
         }
         if self.spec.api_key:
             env["SVP_GATEWAY_API_KEYS"] = self.spec.api_key
+        if self.spec.service_token:
+            env["SVP_GATEWAY_SERVICE_TOKEN"] = self.spec.service_token
         return {**env, **self.spec.gateway_env}
 
     def start(self, on_ready: Callable[[str], None] | None = None) -> LocalStack:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from svp.service import SHARED_VARIABLES
 from svp.stack import REPO
 
 OVERLAYS = ("shapesworld-cpu", "gpu")
@@ -33,6 +34,7 @@ def settings_names() -> dict[str, dict[str, bool]]:
         settings = importlib.import_module(module).Settings
         prefix = settings.model_config["env_prefix"]
         names[service] = {f"{prefix}{field.upper()}": info.is_required() for field, info in settings.model_fields.items()}
+        names[service].update(dict.fromkeys(SHARED_VARIABLES, False))
     return names
 
 

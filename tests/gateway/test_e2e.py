@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.inner_loop import derive_seed
-from svp.client import GatewayClient, SamplerClient
+from svp.client import APIError, GatewayClient, SamplerClient
 from svp.contract import ImageInput, ImageResult, ISVPRequest, RunCreate, RunPublic, SampleRequest, TrainingConfig
 from svp.demo import stack_spec
 from svp.prompts import PAPER_PROMPTS
@@ -143,7 +143,12 @@ def test_two_round_run_completes_and_round_two_samples_from_the_adapted_model(st
     image = ImageInput.from_bytes((world.root / "data" / first.image).read_bytes())
     request = SampleRequest(image=image, n=3, max_new_tokens=MAX_NEW_TOKENS, seed=derive_seed(7, 2, first.index),
                             adapter=adapters[0])
-    with SamplerClient(stack.urls["sampler"]) as sampler:
+    with SamplerClient(stack.urls["sampler"], retries=0) as stranger:  # the stack's services want its token
+        assert stranger.ready()
+        with pytest.raises(APIError) as refused:
+            stranger.generate(request)
+        assert refused.value.status == 401
+    with SamplerClient(stack.urls["sampler"], api_key=stack.spec.service_token) as sampler:
         adapted = sampler.generate(request)
         base = sampler.generate(request.model_copy(update={"adapter": None}))
     assert [s.text for s in adapted.samples] == first.prior
