@@ -27,7 +27,7 @@ from gateway.celery_app import submit_run
 from gateway.inner_loop import InnerLoop, ServiceClients
 from gateway.settings import Settings
 from gateway.store import RunNotFound, RunStore
-from svp.client import APIError
+from svp.client import APIError, SamplerClient
 from svp.contract import (
     TERMINAL_STATES,
     ArtifactsPublic,
@@ -126,8 +126,18 @@ class RunService:
         return run
 
     def _check_model(self, model: str) -> None:
+        """A run's ``model`` must be one the services serve: ``SVP_GATEWAY_SERVED_MODELS``, or else
+        what the sampler reports (``GET /v1/models``) — a 400 now, not a run failing image by image."""
         known = self.settings.served_models
-        if known and model not in known:
+        if not known:
+            try:  # a short call: run creation must not hang on a sampler that is still loading
+                with SamplerClient(self.settings.sampler_url, timeout=10, retries=1,
+                                   api_key=self.settings.service_token) as sampler:
+                    known = [m.id for m in sampler.models().data]
+            except (APIError, httpx.HTTPError) as exc:
+                raise ServiceError(503, f"cannot check model {model!r}: the sampler did not say what it serves "
+                                   f"({exc})", "service_unavailable") from exc
+        if model not in known:
             raise ServiceError(400, f"unknown model {model!r}; served: {', '.join(known)}", param="model")
 
     def resolve_images(self, spec: str, run_id: str) -> list[str]:

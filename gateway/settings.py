@@ -43,7 +43,7 @@ class Settings(ServiceSettings):
     )
     served_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Model names a run may ask for; empty: ask the sampler (its /readyz detail) when a run names one.",
+        description="Model names a run may ask for; empty: ask the sampler (GET /v1/models) when a run names one.",
     )
 
     max_images_per_run: int = Field(default=10_000, ge=1)

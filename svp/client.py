@@ -25,6 +25,7 @@ from svp.contract import (
     Health,
     ISVPRequest,
     ISVPResponse,
+    ModelsPublic,
     RunCreate,
     RunEvent,
     RunEventsPublic,
@@ -138,6 +139,9 @@ class ServiceClient:
 
 
 class _AdapterRoutes(ServiceClient):
+    def models(self) -> ModelsPublic:
+        return self._call("GET", "/v1/models", ModelsPublic)
+
     def load_adapter(self, name: str) -> AdapterPublic:
         return self._call("POST", "/v1/adapters", AdapterPublic, AdapterLoad(name=name))
 

@@ -215,7 +215,20 @@ class ScoreResponse(BaseModel):
     timings: Timings = Timings()
 
 
-# ---------------------------------------------------------------- adapters (sampler + scorer)
+# ---------------------------------------------------------------- models and adapters (sampler + scorer)
+
+
+class ModelPublic(BaseModel):
+    """A model a service serves: ``id`` is the name requests give as ``model``."""
+
+    id: str
+    chat_format: str
+    engine: str
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelPublic]
+    count: int
 
 
 class AdapterLoad(StrictModel):

@@ -160,8 +160,8 @@ def stack_spec(work_dir: Path, data_root: Path, artifact_root: Path, model: Path
             "grounder": grounder,
             "trainer": {},
         },
-        # The sampler reports its model by path (no served_model_name): runs may name only that one.
-        gateway_env={"SVP_GATEWAY_BASE_MODEL": str(model.resolve()), "SVP_GATEWAY_SERVED_MODELS": str(model.resolve()),
+        # No SVP_GATEWAY_SERVED_MODELS: the gateway asks the sampler, which serves its model by path.
+        gateway_env={"SVP_GATEWAY_BASE_MODEL": str(model.resolve()),
                      "SVP_GATEWAY_TRAINING_POLL_S": "2", "SVP_GATEWAY_ROUND_CHECK_S": "1"},
         api_key=api_key,
         service_token=secrets.token_urlsafe(24),  # only the gateway and the worker talk to the services

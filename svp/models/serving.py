@@ -22,7 +22,7 @@ from fastapi import APIRouter, FastAPI
 from PIL import Image
 from pydantic import Field, field_validator
 
-from svp.contract import AdapterLoad, AdapterPublic, AdaptersPublic, Health, ImageInput
+from svp.contract import AdapterLoad, AdapterPublic, AdaptersPublic, Health, ImageInput, ModelPublic, ModelsPublic
 from svp.models.batching import BatchedResult, MicroBatcher, QueueFullError
 from svp.models.engine import ModelEngine
 from svp.models.loading import DTYPES, AdapterNotFoundError, InvalidInputError
@@ -171,6 +171,12 @@ class VLMService(ABC, Generic[EngineT, JobT, ResultT]):
         await self.ensure_adapter(request.name)
         return AdapterPublic(name=request.name, path=str(self.engine.adapters[request.name]))
 
+    def models(self) -> ModelsPublic:
+        """The served model (503 until it has loaded): what a gateway checks a run's ``model`` against."""
+        engine = self.engine
+        data = [ModelPublic(id=self.settings.model_name, chat_format=engine.chat_format, engine=self.settings.engine)]
+        return ModelsPublic(data=data, count=1)
+
     def list_adapters(self) -> AdaptersPublic:
         data = [AdapterPublic(name=n, path=str(p)) for n, p in sorted(self.engine.adapters.items())]
         return AdaptersPublic(data=data, count=len(data))
@@ -210,8 +216,8 @@ def adapter_router(service: VLMService) -> APIRouter:
 
 def create_vlm_app(name: str, service: VLMService) -> FastAPI:
     """The app both model services share: ``service`` started and stopped with the app (its model
-    loads in the background), ``/healthz``, ``/readyz`` from its health, ``/v1/adapters``; the
-    caller adds its one route."""
+    loads in the background), ``/healthz``, ``/readyz`` from its health, ``/v1/models``,
+    ``/v1/adapters``; the caller adds its one route."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -221,5 +227,11 @@ def create_vlm_app(name: str, service: VLMService) -> FastAPI:
 
     app = create_service_app(name, ready=service.health, settings=service.settings, lifespan=lifespan)
     app.include_router(adapter_router(service))
+
+    @app.get("/v1/models", response_model=ModelsPublic, responses=ERROR_RESPONSES)
+    async def models() -> ModelsPublic:
+        """The model this service serves, by the name requests use."""
+        return service.models()
+
     app.state.service = service
     return app

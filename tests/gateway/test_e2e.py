@@ -143,6 +143,10 @@ def test_two_round_run_completes_and_round_two_samples_from_the_adapted_model(st
     image = ImageInput.from_bytes((world.root / "data" / first.image).read_bytes())
     request = SampleRequest(image=image, n=3, max_new_tokens=MAX_NEW_TOKENS, seed=derive_seed(7, 2, first.index),
                             adapter=adapters[0])
+    with client(stack) as c:  # the gateway asks the sampler which model it serves
+        with pytest.raises(APIError) as unknown:
+            c.create_run(RunCreate(images="first-4.txt", model="llava-hf/llava-1.5-7b-hf"))
+    assert unknown.value.status == 400 and str(world.model_dir.resolve()) in str(unknown.value)
     with SamplerClient(stack.urls["sampler"], retries=0) as stranger:  # the stack's services want its token
         assert stranger.ready()
         with pytest.raises(APIError) as refused:

@@ -130,6 +130,11 @@ def test_a_loaded_adapter_changes_the_samples_to_what_the_adapted_model_gives(sa
     assert_teacher_forced(reference, req, sampler.generate(req))  # no adapter: the base model again
 
 
+def test_the_sampler_says_which_model_it_serves(sampler, tiny_vlm_dirs, arch):
+    (model,) = sampler.models().data
+    assert model.id == str(tiny_vlm_dirs[arch]) and model.chat_format == "llava_v1" and model.engine == "transformers"
+
+
 def test_unknown_adapter_or_model_is_a_404_naming_it(sampler):
     for call in (lambda: sampler.load_adapter("nope"), lambda: sampler.generate(request(adapter="nope"))):
         with pytest.raises(APIError) as err:
