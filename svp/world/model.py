@@ -62,18 +62,7 @@ from svp.models.tokenizer import build_word_tokenizer
 from svp.prompts import PAPER_PROMPTS, build_messages
 from svp.world.language import canonical_caption, domain_words, region_expression
 from svp.world.probes import POPE_STRATEGIES, count_questions, pope_questions, region_question
-from svp.world.scenes import (
-    CELL,
-    COLOURS,
-    GRID,
-    IMAGE_SIZE,
-    POSITION_PHRASES,
-    SHAPES,
-    SIZES,
-    Scene,
-    SceneObject,
-    generate_scenes,
-)
+from svp.world.scenes import CELL, COLOURS, GRID, IMAGE_SIZE, SHAPES, SIZES, Scene, SceneObject, generate_scenes
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +86,6 @@ class WorldModelConfig:
     constant 2e-3 from the first step, unclipped, the tower could collapse to reading only where a
     cell is, not what is in it: a fresh build on an AMD EPYC ended stage 1 at loss 4.485, the
     entropy of the attribute priors, and its decoder then called every object a "triangle"."""
-    align_steps: int = 4000
-    """Stage 1b: projector-alignment steps (see :func:`align_projector`); 0 skips it."""
-    align_lr: float = 3e-3
     steps: int = 1400
     """Stage 2: instruction-tuning steps (projector + decoder). A fixed count, and a schedule that
     follows steps, not time: a build is a function of its configuration, whatever the machine."""
@@ -183,7 +169,7 @@ class WorldModelConfig:
         """Seconds-scale: the same code on a few hundred scenes and a few dozen steps."""
         small = dict(cls().sizes, vision_hidden_size=32, vision_intermediate_size=64, vision_layers=2,
                      hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
-        return cls(train_scenes=300, vision_steps=20, vision_batch_size=32, vision_warmup_steps=2, align_steps=20, steps=30,
+        return cls(train_scenes=300, vision_steps=20, vision_batch_size=32, vision_warmup_steps=2, steps=30,
                    batch_size=8, lr=3e-3, warmup_steps=5, sizes=small)
 
     def to_json(self) -> dict[str, Any]:
@@ -544,65 +530,6 @@ def pretrain_vision(
     return VisionReport(loss_value, readout)
 
 
-# Words of an object's sentence that say nothing about the object ("at the top left there is a ...").
-_FILLER_WORDS = frozenset({"at", "the", "in", "on", "there", "is", "a", "an"})
-
-
-def cell_word_targets(scenes: list[Scene], tokenizer: Any, embeddings: torch.Tensor) -> torch.Tensor:
-    """[N, 9, hidden]: for each occupied cell, the mean input embedding of the words that describe its
-    object — place, size, colour, shape (``top left large red circle``); zero for an empty cell."""
-    targets = torch.zeros(len(scenes), GRID * GRID, embeddings.shape[1])
-    for n, s in enumerate(scenes):
-        for o in s.objects:
-            words = [w for w in f"{POSITION_PHRASES[o.position]} {o.phrase}".split() if w not in _FILLER_WORDS]
-            ids = tokenizer.convert_tokens_to_ids(words)
-            assert tokenizer.unk_token_id not in ids, f"{words} not all in the vocabulary"
-            targets[n, o.cell[0] * GRID + o.cell[1]] = embeddings[ids].mean(0)
-    return targets
-
-
-def align_projector(
-    model: LlavaForConditionalGeneration, pixels: torch.Tensor, scenes: list[Scene], tokenizer: Any,
-    config: WorldModelConfig, progress: bool = True,
-) -> float:
-    """Stage 1b, LLaVA's feature alignment: the projector alone learns to map each cell's feature
-    (frozen tower) to the decoder's own input embeddings of the words that describe the cell, so
-    that stage 2 starts from image tokens that already read like words. LLaVA gets there with a
-    captioning loss through a frozen pretrained LM; our decoder starts from scratch, so the
-    target is its (random, fixed) embeddings directly.
-
-    Without it stage 2 had to discover the cell-to-word mapping through the decoder and sat on a
-    plateau (loss ~0.45) for a seed-dependent number of steps: 2 of 5 builds never left it
-    within 1400 steps. Returns the final relative squared error (1.0: the projector says nothing).
-    """
-    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
-    layer = model.config.vision_feature_layer
-    assert isinstance(layer, int)
-    with torch.no_grad():
-        features = torch.cat([tower(pixels[i : i + 256], output_hidden_states=True).hidden_states[layer][:, 1:]
-                              for i in range(0, len(pixels), 256)])
-        embeddings = model.get_input_embeddings()
-        assert isinstance(embeddings, torch.nn.Embedding)
-        targets = cell_word_targets(scenes, tokenizer, embeddings.weight.detach())
-    scale = targets.pow(2).sum(-1).mean()
-    opt = torch.optim.AdamW(projector.parameters(), lr=config.align_lr, weight_decay=config.weight_decay)
-    gen = torch.Generator().manual_seed(config.seed)
-    loss_value = 1.0
-    bar = tqdm(range(config.align_steps), desc="projector alignment", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = config.align_lr * lr_factor(step / max(1, config.align_steps), step, 1)
-        idx = torch.randint(len(features), (config.vision_batch_size,), generator=gen)
-        loss = (projector(features[idx]) - targets[idx]).pow(2).sum(-1).mean() / scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_value = float(loss.detach())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-    return loss_value
-
-
 @contextlib.contextmanager
 def vision_in_float32(model: LlavaForConditionalGeneration) -> Iterator[None]:
     """Keep the vision tower and projector out of an enclosing bfloat16 autocast: bfloat16's 8-bit
@@ -683,7 +610,6 @@ class TrainReport:
     parameters: int
     vision_loss: float
     vision_readout: dict[str, float]
-    alignment_error: float
     loss: float
     steps: int
     vision_seconds: float
@@ -762,8 +688,6 @@ def train_world_vlm(
         if short:
             raise VisionGateError("vision pre-training ended below the gate (held-out read-out, minimum): "
                                   + ", ".join(f"{k} {got:.3f} < {need}" for k, (got, need) in short.items()))
-        alignment = align_projector(model, pixels, scenes, processor.tokenizer, config, progress)
-        log.info("stage 1b: projector alignment error %.3f", alignment)
         sampler = ExampleSampler(scenes, PromptEncoder(processor), config)
         loss = instruction_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config, progress)
         t2 = time.perf_counter()
@@ -774,7 +698,6 @@ def train_world_vlm(
         parameters=sum(p.numel() for p in model.parameters()),
         vision_loss=vision.loss,
         vision_readout=vision.readout,
-        alignment_error=alignment,
         loss=loss,
         steps=config.steps,
         vision_seconds=t1 - t0,
