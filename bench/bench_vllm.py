@@ -65,7 +65,8 @@ async def tokens_per_second(generate: Callable[[GenerationJob], Awaitable[list[G
     return sum(tokens) / (time.perf_counter() - start)
 
 
-async def run(model: str, max_new_tokens: int, requests_per_client: int) -> dict[int, tuple[float, float]]:
+async def run(model: str, max_new_tokens: int, requests_per_client: int,
+              options: VLLMOptions) -> dict[int, tuple[float, float]]:
     rows = VLMServiceSettings.model_fields["max_batch_rows"].default
     wait_s = VLMServiceSettings.model_fields["max_wait_ms"].default / 1000
     reference = TransformersEngine(load_vlm(model, device="cuda", dtype="bfloat16"))
@@ -77,7 +78,7 @@ async def run(model: str, max_new_tokens: int, requests_per_client: int) -> dict
     async def transformers_generate(job: GenerationJob) -> list[GeneratedSample]:
         return (await batcher.submit(job)).value
 
-    vllm_engine = VLLMEngine.create(model, VLLMOptions(dtype="bfloat16", gpu_memory_utilization=0.5))
+    vllm_engine = VLLMEngine.create(model, options)
     results: dict[int, tuple[float, float]] = {}
     try:
         for generate in (transformers_generate, vllm_engine.generate_async):  # warm-up: kernels, CUDA graphs
@@ -97,12 +98,16 @@ def main() -> None:
     parser.add_argument("--model", help="Model directory or id (default: a random ~130M-parameter LLaVA).")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--attention-backend", help="vLLM attention backend (default: vLLM's choice).")
+    parser.add_argument("--mm-encoder-attention-backend", help="vLLM vision-encoder attention backend.")
     args = parser.parse_args()
+    options = VLLMOptions(dtype="bfloat16", gpu_memory_utilization=0.5, attention_backend=args.attention_backend,
+                          mm_encoder_attention_backend=args.mm_encoder_attention_backend)
     if not torch.cuda.is_available():
         sys.exit("bench_vllm needs a CUDA device")
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_tiny_vlm(Path(tmp) / "llava", "llava", "llava_v1", 0, None, "default", **BENCH_SIZES))
-        results = asyncio.run(run(model, args.max_new_tokens, args.requests_per_client))
+        results = asyncio.run(run(model, args.max_new_tokens, args.requests_per_client, options))
     print(f"model {args.model or 'random LLaVA, ' + str(BENCH_SIZES)}; n=8, {args.max_new_tokens} new tokens, "
           f"{args.requests_per_client} requests per client; {torch.cuda.get_device_name()}")
     print(f"{'clients':>8} {'transformers tok/s':>20} {'vLLM tok/s':>12} {'vLLM / transformers':>20}")

@@ -29,6 +29,8 @@ class Settings(VLMServiceSettings):
     vllm_enforce_eager: bool = Field(default=False, description="vLLM: no CUDA graphs (faster start, slower decoding).")
     vllm_attention_backend: str | None = Field(default=None,
                                                description="vLLM attention backend (e.g. TRITON_ATTN); None: vLLM's choice.")
+    vllm_mm_encoder_attention_backend: str | None = Field(
+        default=None, description="vLLM vision-encoder attention backend (e.g. TORCH_SDPA); None: vLLM's choice.")
 
     def vllm_options(self) -> VLLMOptions:
         return VLLMOptions(
@@ -39,4 +41,5 @@ class Settings(VLMServiceSettings):
             max_loras=self.vllm_max_loras,
             enforce_eager=self.vllm_enforce_eager,
             attention_backend=self.vllm_attention_backend,
+            mm_encoder_attention_backend=self.vllm_mm_encoder_attention_backend,
         )

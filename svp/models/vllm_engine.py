@@ -72,6 +72,8 @@ class VLLMOptions:
     """Skip CUDA graph capture (faster start, slower decoding)."""
     attention_backend: str | None = None
     """vLLM's attention backend name (e.g. ``TRITON_ATTN``); None: vLLM's choice for the GPU."""
+    mm_encoder_attention_backend: str | None = None
+    """The vision encoder's attention backend (e.g. ``TORCH_SDPA``); None: vLLM's choice."""
     seed: int = 0
 
 
@@ -138,6 +140,7 @@ class VLLMEngine(ContinuousSamplingEngine):
             max_loras=options.max_loras,
             enforce_eager=options.enforce_eager,
             attention_backend=options.attention_backend,
+            mm_encoder_attn_backend=options.mm_encoder_attention_backend,
             logprobs_mode="raw_logprobs",
             max_logprobs=MAX_TOP_LOGPROBS,
             limit_mm_per_prompt={"image": 1},

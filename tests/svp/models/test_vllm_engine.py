@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from services.sampler.service import SamplerService
 from services.sampler.settings import Settings
+from svp.contract import ImageInput, SampleRequest, SampleResponse
 from svp.models.engine import GeneratedSample, GenerationJob, TransformersEngine
 from svp.models.loading import InvalidInputError, load_prompter, load_vlm
 from svp.models.vllm_engine import UnsupportedAdapterError, lora_servable
@@ -30,6 +33,12 @@ from tests.conftest import save_perturbed_lora
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 IMAGE = Image.new("RGB", (40, 30), "red")
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 CONTEXT = "red circle: [0.10, 0.20, 0.30, 0.40]\nblue square: [0.50, 0.50, 0.90, 0.80]"
 
 
@@ -130,18 +139,30 @@ def image_token_model(tiny_vlm_dirs: dict[str, Path], tmp_path_factory: pytest.T
 
 
 @pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One event loop for the module: vLLM's AsyncLLM binds its output handler to the loop of its
+    first request, as a service's does for the service's lifetime."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+# Triton paged attention and SDPA in the encoder: both run float32 (FlashAttention does not).
+VLLM_TEST_OPTIONS = dict(dtype="float32", gpu_memory_utilization=0.25, enforce_eager=True, max_lora_rank=8,
+                         attention_backend="TRITON_ATTN", mm_encoder_attention_backend="TORCH_SDPA")
+
+
+@pytest.fixture(scope="module")
 def engines(image_token_model: Path):
     from svp.models.vllm_engine import VLLMEngine, VLLMOptions
 
-    options = VLLMOptions(dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True, max_lora_rank=8,
-                          attention_backend="TRITON_ATTN")
-    vllm_engine = VLLMEngine.create(str(image_token_model), options)
+    vllm_engine = VLLMEngine.create(str(image_token_model), VLLMOptions(**VLLM_TEST_OPTIONS))  # type: ignore[arg-type]
     reference = TransformersEngine(load_vlm(image_token_model, device="cuda", dtype=torch.float32))
     yield vllm_engine, reference
     vllm_engine.shutdown()
 
 
-def run_both(engines, jobs: list[GenerationJob]) -> tuple[list[list[GeneratedSample]], list[list[GeneratedSample]]]:
+def run_both(engines, loop, jobs: list[GenerationJob]) -> tuple[list[list[GeneratedSample]], list[list[GeneratedSample]]]:
     vllm_engine, reference = engines
 
     async def all_vllm():
@@ -149,14 +170,14 @@ def run_both(engines, jobs: list[GenerationJob]) -> tuple[list[list[GeneratedSam
 
     ours = reference.generate(jobs)
     assert not any(isinstance(o, Exception) for o in ours)
-    return asyncio.run(all_vllm()), ours  # type: ignore[return-value]
+    return loop.run_until_complete(all_vllm()), ours  # type: ignore[return-value]
 
 
 @pytest.mark.gpu
 @needs_vllm_gpu
-def test_greedy_samples_and_logprobs_equal_the_transformers_engines(engines) -> None:
+def test_greedy_samples_and_logprobs_equal_the_transformers_engines(engines, loop) -> None:
     jobs = [job(), job(prompt_kind="grounded", context=CONTEXT), job(image=Image.new("RGB", (64, 48), "blue"))]
-    got, want = run_both(engines, jobs)
+    got, want = run_both(engines, loop, jobs)
     image_token = engines[1].image_token_id
     for g, w in zip(got, want, strict=True):
         assert g[0].token_ids == w[0].token_ids and g[0].text == w[0].text
@@ -168,8 +189,8 @@ def test_greedy_samples_and_logprobs_equal_the_transformers_engines(engines) -> 
 
 @pytest.mark.gpu
 @needs_vllm_gpu
-def test_top_logprobs_are_the_raw_distributions_placeholder_included(engines) -> None:
-    got, want = run_both(engines, [job(top_logprobs=5, max_new_tokens=6)])
+def test_top_logprobs_are_the_raw_distributions_placeholder_included(engines, loop) -> None:
+    got, want = run_both(engines, loop, [job(top_logprobs=5, max_new_tokens=6)])
     g, w = got[0][0], want[0][0]
     assert g.top_logprobs is not None and w.top_logprobs is not None
     assert g.top_logprobs[0][0][0] == engines[1].image_token_id  # most likely raw, never generated
@@ -181,14 +202,14 @@ def test_top_logprobs_are_the_raw_distributions_placeholder_included(engines) ->
 
 @pytest.mark.gpu
 @needs_vllm_gpu
-def test_sampled_logprobs_equal_teacher_forcing_and_seeds_reproduce(engines) -> None:
+def test_sampled_logprobs_equal_teacher_forcing_and_seeds_reproduce(engines, loop) -> None:
     vllm_engine, reference = engines
     sampled = job(n=8, temperature=1.0, top_p=0.9, seed=7, prompt_kind="grounded", context=CONTEXT)
 
     async def twice():
         return await asyncio.gather(vllm_engine.generate_async(sampled), vllm_engine.generate_async(sampled))
 
-    first, again = asyncio.run(twice())
+    first, again = loop.run_until_complete(twice())
     assert [s.token_ids for s in first] == [s.token_ids for s in again]
     assert len({tuple(s.token_ids) for s in first}) > 1
     vlm = reference.vlm
@@ -203,12 +224,42 @@ def test_sampled_logprobs_equal_teacher_forcing_and_seeds_reproduce(engines) -> 
 
 @pytest.mark.gpu
 @needs_vllm_gpu
-def test_an_adapter_changes_outputs_exactly_as_peft_does(engines, language_model_adapter: Path) -> None:
+def test_an_adapter_changes_outputs_exactly_as_peft_does(engines, loop, language_model_adapter: Path) -> None:
     for engine in engines:
         engine.load_adapter("lm", language_model_adapter)
     jobs = [job(adapter="lm"), job(adapter="lm", prompt_kind="grounded", context=CONTEXT), job()]
-    got, want = run_both(engines, jobs)
+    got, want = run_both(engines, loop, jobs)
     assert got[0][0].token_ids != got[2][0].token_ids  # the adapter changes the output
     for g, w in zip(got, want, strict=True):
         assert g[0].token_ids == w[0].token_ids
         torch.testing.assert_close(torch.tensor(g[0].logprobs), torch.tensor(w[0].logprobs), atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_vllm_gpu
+def test_the_sampler_service_serves_vllm_samples_like_the_transformers_engine(engines, loop, image_token_model: Path,
+                                                                             tmp_path: Path) -> None:
+    """The service path: the engine created on the model thread, requests awaited on the event loop."""
+    settings = Settings(model=str(image_token_model), engine="vllm", dtype="float32", artifact_root=tmp_path,
+                        **{f"vllm_{k}": v for k, v in VLLM_TEST_OPTIONS.items() if k != "dtype"})
+    service = SamplerService(settings)
+    request = SampleRequest(image=ImageInput.from_bytes(png(IMAGE)), n=2, temperature=0.0, max_new_tokens=24,
+                            seed=0, top_logprobs=2)
+
+    async def serve() -> tuple[SampleResponse, list[SampleResponse]]:
+        await service.start()
+        await service.wait_loaded()
+        assert service.health().status == "ok", service.health().detail
+        try:
+            one = await service.generate(request)
+            many = await asyncio.gather(*(service.generate(request) for _ in range(8)))
+        finally:
+            await service.stop()
+        return one, list(many)
+
+    one, many = loop.run_until_complete(serve())
+    want = engines[1].generate([job(n=2, top_logprobs=2)])[0]
+    assert not isinstance(want, Exception)
+    assert [s.token_ids for s in one.samples] == [s.token_ids for s in want]
+    assert all([s.token_ids for s in r.samples] == [s.token_ids for s in want] for r in many)
+    assert one.model == str(image_token_model) and one.samples[0].top_logprobs is not None
