@@ -5,7 +5,7 @@
 # /tmp/site); on a CUDA machine with network, `pip install -e '.[gpu]'` replaces that step.
 # Logs go to $OUT (or ./gpu-logs).
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 logs=${OUT:-gpu-logs}
 mkdir -p "$logs"
 if [ -f .vllm_bundle/install.sh ]; then
