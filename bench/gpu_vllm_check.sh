@@ -11,6 +11,7 @@ mkdir -p "$logs"
 if [ -f .vllm_bundle/install.sh ]; then
   bash .vllm_bundle/install.sh >"$logs/install.log" 2>&1 || { tail -20 "$logs/install.log"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
+  export VLLM_USE_FLASHINFER_SAMPLER=0  # the bundle carries no FlashInfer: vLLM's PyTorch sampler
 else
   export PYTHONPATH=$PWD
 fi

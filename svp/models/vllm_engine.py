@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,9 @@ class VLLMEngine(ContinuousSamplingEngine):
                 "SVP_SAMPLER_ENGINE=vllm needs vLLM: pip install -e '.[gpu]' on a CUDA machine"
             ) from exc
         prompter = load_prompter(model)  # checks the architecture before vLLM spends a minute loading
+        # vLLM's engine core is a child process: forked after this process touched CUDA, it could
+        # not use the GPU ("Cannot re-initialize CUDA in forked subprocess").
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         args = AsyncEngineArgs(
             model=model,
             served_model_name=served_model_name,
