@@ -29,10 +29,12 @@ imports it only when an engine is created.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,48 @@ def lora_servable(path: Path) -> None:
             )
 
 
+# transformers 5 saves a LLaVA's CLIP tower without its ``vision_model`` level
+# (``vision_tower.encoder.*``); vLLM loads the names the Hub's checkpoints have
+# (``vision_tower.vision_model.encoder.*``).
+_FLAT_TOWER = re.compile(r"^((?:model\.)?vision_tower\.)(embeddings|encoder|pre_layrnorm|post_layernorm)\.")
+
+
+def vllm_checkpoint(model: str, cache_root: Path | None = None) -> str:
+    """``model``, or — for a local checkpoint saved by transformers 5 (ours: ShapesWorld, the tiny
+    models, merged adapters) — a copy under ``cache_root`` whose vision-tower weights carry the
+    names vLLM loads. The other files are linked, not copied."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = Path(model)
+    shards = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not shards:
+        return model  # a Hub id: the Hub's LLaVA checkpoints keep the nested names
+    with safe_open(str(shards[0]), framework="pt") as f:
+        if not any(_FLAT_TOWER.match(k) for k in f.keys()):
+            return model
+    stamp = hashlib.sha1(repr([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in shards]).encode())
+    root = cache_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "svp" / "vllm-checkpoints"
+    out = root / f"{path.name}-{stamp.hexdigest()[:12]}"
+    if not (out / "done").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        for item in path.iterdir():
+            if item.suffix != ".safetensors" and item.name != "model.safetensors.index.json" and item.is_file():
+                (out / item.name).unlink(missing_ok=True)
+                (out / item.name).symlink_to(item.resolve())
+        for shard in shards:
+            save_file({_FLAT_TOWER.sub(r"\1vision_model.\2.", k): v for k, v in load_file(str(shard)).items()},
+                      str(out / shard.name), metadata={"format": "pt"})
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            data["weight_map"] = {_FLAT_TOWER.sub(r"\1vision_model.\2.", k): v for k, v in data["weight_map"].items()}
+            (out / index.name).write_text(json.dumps(data))
+        (out / "done").touch()
+        log.info("wrote %s: %s with its vision-tower weights named as vLLM loads them", out, model)
+    return str(out)
+
+
 class VLLMEngine(ContinuousSamplingEngine):
     """Samples from vLLM's ``AsyncLLM`` (see the module docstring). Create it with :meth:`create`."""
 
@@ -133,8 +177,9 @@ class VLLMEngine(ContinuousSamplingEngine):
         # not use the GPU ("Cannot re-initialize CUDA in forked subprocess").
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         args = AsyncEngineArgs(
-            model=model,
-            served_model_name=served_model_name,
+            model=vllm_checkpoint(model),
+            tokenizer=model,
+            served_model_name=served_model_name or model,
             dtype=options.dtype,
             seed=options.seed,
             gpu_memory_utilization=options.gpu_memory_utilization,

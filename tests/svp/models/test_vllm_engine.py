@@ -28,7 +28,8 @@ from services.sampler.settings import Settings
 from svp.contract import ImageInput, SampleRequest, SampleResponse
 from svp.models.engine import GeneratedSample, GenerationJob, TransformersEngine
 from svp.models.loading import InvalidInputError, load_prompter, load_vlm
-from svp.models.vllm_engine import UnsupportedAdapterError, lora_servable
+from svp.models.tiny import build_tiny_vlm
+from svp.models.vllm_engine import UnsupportedAdapterError, lora_servable, vllm_checkpoint
 from tests.conftest import save_perturbed_lora
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -63,15 +64,35 @@ def test_the_prompter_alone_renders_what_the_loaded_model_renders(tiny_vlm_dirs:
 
 
 @pytest.fixture(scope="module")
-def language_model_adapter(tiny_vlm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaVA whose decoder heads are 32 wide: vLLM's Triton attention takes no narrower head."""
+    return build_tiny_vlm(tmp_path_factory.mktemp("vllm-model") / "llava", "llava", seed=0, hidden_size=128,
+                          intermediate_size=256, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def language_model_adapter(vllm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An artifact root with ``adapters/lm``: a perturbed LoRA on the language model's linear layers,
     what the trainer writes."""
     from svp.training.lora import language_model_target
 
     root = tmp_path_factory.mktemp("lm-adapter")
-    save_perturbed_lora(tiny_vlm_dirs["llava"], root / "adapters" / "lm",
-                        target_modules=language_model_target(load_vlm(tiny_vlm_dirs["llava"]).model))
+    save_perturbed_lora(vllm_model_dir, root / "adapters" / "lm",
+                        target_modules=language_model_target(load_vlm(vllm_model_dir).model))
     return root
+
+
+def test_our_checkpoints_get_the_tower_names_vllm_loads(vllm_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    copy = Path(vllm_checkpoint(str(vllm_model_dir), tmp_path))
+    with safe_open(str(copy / "model.safetensors"), framework="pt") as f:
+        tower = [k for k in f.keys() if k.startswith("vision_tower.")]
+    assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+    ours, theirs = load_vlm(vllm_model_dir).model.state_dict(), load_vlm(copy).model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert vllm_checkpoint(str(copy), tmp_path) == str(copy)  # already in vLLM's names
+    assert vllm_checkpoint("llava-hf/llava-1.5-7b-hf", tmp_path) == "llava-hf/llava-1.5-7b-hf"
 
 
 def test_vllm_serves_lora_on_the_language_model_only(language_model_adapter: Path, tiny_vlm_artifacts: dict[str, Path],
@@ -122,12 +143,12 @@ def job(**overrides: object) -> GenerationJob:
 
 
 @pytest.fixture(scope="module")
-def image_token_model(tiny_vlm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def image_token_model(vllm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaVA with the image placeholder's output row set to 1.5x the row of the token
     greedy decoding starts with: the raw distribution's top token at step 0 is the placeholder,
     which neither engine may generate."""
     out = tmp_path_factory.mktemp("vllm") / "llava"
-    shutil.copytree(tiny_vlm_dirs["llava"], out)
+    shutil.copytree(vllm_model_dir, out)
     first = TransformersEngine(load_vlm(out)).generate([job(max_new_tokens=1)])[0]
     assert not isinstance(first, Exception)
     weights = load_file(str(out / "model.safetensors"))
