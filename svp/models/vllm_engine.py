@@ -187,6 +187,9 @@ class VLLMEngine(ContinuousSamplingEngine):
             enable_lora=True,
             max_lora_rank=options.max_lora_rank,
             max_loras=options.max_loras,
+            # vLLM's LoRA kernels take float16/bfloat16 adapter weights only (a float32 adapter
+            # stopped the engine core on an H200): a float32 model gets bfloat16 LoRA weights.
+            lora_dtype="bfloat16" if options.dtype == "float32" else "auto",
             enforce_eager=options.enforce_eager,
             attention_backend=options.attention_backend,
             mm_encoder_attn_backend=options.mm_encoder_attention_backend,
