@@ -133,7 +133,8 @@ def process_image(self: Task, run_id: str, round_: int, index: int) -> int:
         config = s.config(run_id)
         path = s.image(run_id, index)
         adapter = s.round_field(run_id, round_ - 1, "adapter") if round_ > 1 else None
-        image = ImageInput.from_bytes((settings().data_root / path).read_bytes())
+        image = (ImageInput(path=path) if settings().images_by_path
+                 else ImageInput.from_bytes((settings().data_root / path).read_bytes()))
         params = SamplingParams.for_run(config, round_, index, adapter)
         result = InnerLoop(clients()).run_image(image, path, index, round_, params)
     except Exception as exc:

@@ -60,11 +60,11 @@ def derive_seed(*parts: object) -> int:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: a service (or Redis) was unreachable, or a service answered 5xx after the
-    client's own retries."""
+    """Worth retrying: a service (or Redis) was unreachable, or a service answered 5xx or 429 (busy)
+    after the client's own retries."""
     if isinstance(exc, httpx.TransportError | redis.ConnectionError | redis.TimeoutError):
         return True
-    return isinstance(exc, APIError) and exc.status >= 500
+    return isinstance(exc, APIError) and (exc.status >= 500 or exc.status == 429)
 
 
 @dataclass

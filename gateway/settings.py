@@ -52,6 +52,12 @@ class Settings(ServiceSettings):
     max_url_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     page_limit: int = Field(default=100, ge=1, le=10_000, description="Largest page of GET /svp/runs.")
 
+    images_by_path: bool = Field(
+        default=True,
+        description="Send a run's images to the model services as paths under the data root they share with "
+                    "the worker (compose, k8s and the local stack mount one): K x 3 calls per image then carry no "
+                    "image bytes. False: inline base64 in every call, for services that do not share the data root.",
+    )
     service_timeout_s: float = Field(default=600.0, gt=0, description="Per HTTP call to a model service.")
     service_retries: int = Field(default=4, ge=0, le=20)
     service_backoff_s: float = Field(default=0.5, ge=0)
