@@ -32,7 +32,7 @@ from celery import Task, chord
 
 from gateway.artifacts import write_report, write_round_files
 from gateway.celery_app import FINISH_ROUND, POLL_TRAINING, PROCESS_IMAGE, START_ROUND, make_celery
-from gateway.inner_loop import InnerLoop, SamplingParams, ServiceClients, is_transient
+from gateway.inner_loop import InnerLoop, SamplingParams, ServiceClients, is_bad_input, is_transient
 from gateway.settings import Settings
 from gateway.store import RunNotFound, RunStore
 from svp.client import APIError
@@ -141,13 +141,21 @@ def process_image(self: Task, run_id: str, round_: int, index: int) -> int:
         if is_transient(exc) and self.request.retries < settings().task_max_retries:
             log.warning("run %s round %d image %d: %s; retrying", run_id, round_, index, exc)
             raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
-        # A permanent failure (bad image, 4xx, retries spent) is this image's result: the
-        # round goes on without it rather than stalling the chord.
+        # The image's result either way, so the chord completes.
         log.exception("run %s round %d image %d failed", run_id, round_, index)
         result = ImageResult(image=path, index=index, round=round_, adapter=adapter, status="failed",
                              error=f"{type(exc).__name__}: {exc}")
-        if s.record_result(run_id, result):
-            s.add_error(run_id, f"round {round_} image {path}: {result.error}")
+        recorded = s.record_result(run_id, result)
+        if is_bad_input(exc) or is_transient(exc):
+            # A bad image, or a service still down after every retry: the round goes on without
+            # it (SVP_GATEWAY_MAX_FAILED_IMAGE_SHARE bounds how many may fail).
+            if recorded:
+                s.add_error(run_id, f"round {round_} image {path}: {result.error}")
+        elif s.state(run_id) not in TERMINAL_STATES:
+            # A fault of the system (a bug, a refused service token, a missing adapter) would fail
+            # every image alike: stop the run and say so, rather than counting failed images.
+            _fail_run(run_id, f"round {round_} image {path}: {result.error} (a fault of the system, not of the "
+                              "image: the run stops)")
         return index
     if result.adapter != adapter:
         # The sampler must say it sampled with the round's adapter; anything else is a bug to surface.

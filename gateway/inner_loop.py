@@ -67,6 +67,15 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, APIError) and (exc.status >= 500 or exc.status == 429)
 
 
+BAD_INPUT_STATUSES = frozenset({400, 413, 422})
+"""What a service answers about the image or request it was given: the image's failure, not the system's."""
+
+
+def is_bad_input(exc: BaseException) -> bool:
+    """A service refused this image's request as invalid (the image is at fault, the run goes on)."""
+    return isinstance(exc, APIError) and exc.status in BAD_INPUT_STATUSES
+
+
 @dataclass
 class ServiceClients:
     """Typed clients of the four model services, configured from the gateway settings."""

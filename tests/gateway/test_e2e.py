@@ -190,6 +190,20 @@ def test_gateway_restarted_mid_run_still_lists_the_run_which_completes(stack: Lo
     assert Path(stack.spec.artifact_root / "runs" / run.id / "report.md").is_file()
 
 
+def test_a_fault_of_the_system_stops_the_run_naming_it(stack: LocalStack) -> None:
+    """A sampler that refuses the stack's service token is a misconfiguration, not a bad image: the
+    run fails once with the cause instead of failing its images one by one."""
+    overrides = stack.spec.service_env["sampler"]
+    overrides["SVP_SAMPLER_SERVICE_TOKEN"] = "not-the-stack-token"
+    try:
+        stack.restart_service("sampler")
+        run = wait_for(stack, create(stack, "first-4.txt").id, lambda r: r.state == "failed")
+        assert any("HTTP 401" in e and "fault of the system" in e for e in run.errors), run.errors
+    finally:
+        del overrides["SVP_SAMPLER_SERVICE_TOKEN"]
+        stack.restart_service("sampler")
+
+
 def test_cancelled_run_stops_scheduling_and_says_so(stack: LocalStack) -> None:
     run = create(stack, "first-8.txt")
     wait_for(stack, run.id, images_done_at_least(1))
