@@ -29,6 +29,8 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=transport, result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True, result_expires=7 * 24 * 3600, task_default_queue="svp",
         worker_hijack_root_logger=False,
+        # Below the visibility timeout (the settings insist): no task outlives it and runs twice.
+        task_soft_time_limit=settings.task_soft_time_limit_s, task_time_limit=settings.task_time_limit_s,
     )
     return celery
 

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import redis
 from celery import Task, chord
+from celery.exceptions import SoftTimeLimitExceeded
 
 from gateway.artifacts import write_report, write_round_files
 from gateway.celery_app import FINISH_ROUND, POLL_TRAINING, PROCESS_IMAGE, START_ROUND, make_celery
@@ -82,6 +83,13 @@ class RunTask(Task):
             _fail_run(run_id, f"{self.name} failed: {type(exc).__name__}: {exc}")
         except Exception:  # Redis itself is gone: the log is all we have
             log.exception("could not mark run %s failed", run_id)
+
+
+def _past(started_at: str | None, deadline_s: float) -> bool:
+    """Whether ``deadline_s`` has passed since the ISO time ``started_at`` (never, without one)."""
+    if started_at is None:
+        return False
+    return (datetime.now(UTC) - datetime.fromisoformat(started_at)).total_seconds() > deadline_s
 
 
 def _retry_countdown(task: Task) -> int:
@@ -146,9 +154,10 @@ def process_image(self: Task, run_id: str, round_: int, index: int) -> int:
         result = ImageResult(image=path, index=index, round=round_, adapter=adapter, status="failed",
                              error=f"{type(exc).__name__}: {exc}")
         recorded = s.record_result(run_id, result)
-        if is_bad_input(exc) or is_transient(exc):
-            # A bad image, or a service still down after every retry: the round goes on without
-            # it (SVP_GATEWAY_MAX_FAILED_IMAGE_SHARE bounds how many may fail).
+        if is_bad_input(exc) or is_transient(exc) or isinstance(exc, SoftTimeLimitExceeded):
+            # A bad image, a service still down after every retry, or an image past the task's
+            # time limit: the round goes on without it (SVP_GATEWAY_MAX_FAILED_IMAGE_SHARE bounds
+            # how many may fail).
             if recorded:
                 s.add_error(run_id, f"round {round_} image {path}: {result.error}")
         elif s.state(run_id) not in TERMINAL_STATES:
@@ -174,6 +183,10 @@ def finish_round(self: Task, run_id: str, round_: int) -> None:
         return
     done, total = s.images_done(run_id, round_), s.image_count(run_id)
     if done < total:
+        if _past(s.round_field(run_id, round_, "started_at"), settings().round_deadline_s):
+            _fail_run(run_id, f"round {round_}: {total - done} of {total} images still unfinished after "
+                              f"{settings().round_deadline_s:.0f} s (SVP_GATEWAY_ROUND_DEADLINE_S)")
+            return
         self.apply_async((run_id, round_), countdown=settings().round_check_s)
         return
     if s.current_round(run_id) != round_:
@@ -226,6 +239,7 @@ def _start_training(run_id: str, round_: int, dataset_path: str) -> str:
         dataset_path=dataset_path, vq_dataset_path=config.vq_data, output_name=adapter_name(run_id, round_),
         preset=config.preset, config=training,
     ))
+    s.claim_round_field(run_id, round_, "training_started_at", datetime.now(UTC).isoformat())
     winner = s.claim_round_field(run_id, round_, "training_job", job.id)
     if winner != job.id:
         clients().trainer.cancel_job(job.id)
@@ -254,6 +268,12 @@ def poll_training(self: Task, run_id: str, round_: int) -> None:
     try:
         job = trainer.get_job(job_id)
         if job.state in ("queued", "running"):
+            if _past(s.round_field(run_id, round_, "training_started_at"), settings().training_deadline_s):
+                with contextlib.suppress(APIError):
+                    trainer.cancel_job(job_id)
+                _fail_run(run_id, f"round {round_}: trainer job {job_id} still {job.state} after "
+                                  f"{settings().training_deadline_s:.0f} s (SVP_GATEWAY_TRAINING_DEADLINE_S)")
+                return
             s.set_round_fields(run_id, round_, training_step=str(job.progress.step),
                                training_total_steps=str(job.progress.total_steps))
             self.apply_async((run_id, round_), countdown=settings().training_poll_s)

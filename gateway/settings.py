@@ -71,7 +71,16 @@ class Settings(ServiceSettings):
     )
     task_max_retries: int = Field(default=5, ge=0, le=100)
     task_backoff_max_s: int = Field(default=60, ge=1)
-    # Redis broker: an unacked task (its worker died) is delivered again after this long.
+    task_soft_time_limit_s: int = Field(
+        default=2700, ge=1, description="A task still running after this long is stopped (its image fails).")
+    task_time_limit_s: int = Field(default=3000, ge=1, description="Hard limit: the task's worker process is killed.")
+    round_deadline_s: float = Field(
+        default=24 * 3600, gt=0, description="A round whose images are not all done this long after it started "
+                                             "fails its run (the round check stops re-scheduling itself).")
+    training_deadline_s: float = Field(
+        default=24 * 3600, gt=0, description="A trainer job still running this long after it started fails its run.")
+    # Redis broker: an unacked task (its worker died) is delivered again after this long; it must
+    # exceed the hard time limit, or a task still running would be delivered a second time.
     visibility_timeout_s: int = Field(default=3600, ge=1)
     unacked_restore_interval_s: int = Field(default=10, ge=1)
     events_poll_s: float = Field(default=1.0, gt=0, description="SSE: how often the event stream looks for news.")
@@ -84,6 +93,16 @@ class Settings(ServiceSettings):
                 if key in data:
                     data[key] = _split_csv(data[key])
         return data
+
+    @model_validator(mode="after")
+    def _limits_in_order(self) -> Settings:
+        if not self.task_soft_time_limit_s < self.task_time_limit_s < self.visibility_timeout_s:
+            raise ValueError(
+                "need task_soft_time_limit_s < task_time_limit_s < visibility_timeout_s (got "
+                f"{self.task_soft_time_limit_s} / {self.task_time_limit_s} / {self.visibility_timeout_s}): Redis "
+                "redelivers a task unacknowledged for visibility_timeout_s, so a task still running then would run twice"
+            )
+        return self
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> Settings:

@@ -45,8 +45,9 @@ def stack(world: WorldArtifacts, tmp_path_factory: pytest.TempPathFactory) -> It
     work = tmp_path_factory.mktemp("stack")
     spec = stack_spec(work, world.root / "data", work / "artifacts", world.model_dir, API_KEY, workers=2)
     spec.gateway_env.update({
-        # A killed worker's tasks come back after 20 s (production: an hour).
+        # A killed worker's tasks come back after 20 s (production: an hour); no task may run longer.
         "SVP_GATEWAY_VISIBILITY_TIMEOUT_S": "20", "SVP_GATEWAY_UNACKED_RESTORE_INTERVAL_S": "1",
+        "SVP_GATEWAY_TASK_SOFT_TIME_LIMIT_S": "15", "SVP_GATEWAY_TASK_TIME_LIMIT_S": "18",
         "SVP_GATEWAY_SERVICE_RETRIES": "2", "SVP_GATEWAY_SERVICE_BACKOFF_S": "0.5",
         "SVP_GATEWAY_TASK_MAX_RETRIES": "10", "SVP_GATEWAY_TASK_BACKOFF_MAX_S": "4",
         "SVP_GATEWAY_TRAINING_POLL_S": "1",

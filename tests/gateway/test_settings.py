@@ -47,3 +47,32 @@ def test_production_is_the_default_and_svp_env_opts_out(monkeypatch: pytest.Monk
     monkeypatch.delenv("SVP_GATEWAY_ENVIRONMENT")
     with pytest.raises(ValidationError, match="production"):
         Settings()
+
+
+@pytest.mark.parametrize(("soft", "hard", "visibility"), [(60, 60, 120), (30, 120, 120), (30, 60, 50)])
+def test_a_task_may_not_outlive_the_visibility_timeout(soft: int, hard: int, visibility: int) -> None:
+    """Redis redelivers a task unacknowledged for the visibility timeout: were the time limit longer,
+    a task still running would run a second time."""
+    with pytest.raises(ValidationError, match="visibility_timeout_s"):
+        Settings(environment="development", task_soft_time_limit_s=soft, task_time_limit_s=hard,
+                 visibility_timeout_s=visibility)
+    defaults = Settings(environment="development")
+    assert defaults.task_soft_time_limit_s < defaults.task_time_limit_s < defaults.visibility_timeout_s
+
+
+def test_the_worker_gets_the_time_limits() -> None:
+    from gateway.celery_app import make_celery
+
+    conf = make_celery(Settings(environment="development", task_soft_time_limit_s=40, task_time_limit_s=50,
+                                visibility_timeout_s=60)).conf
+    assert (conf.task_soft_time_limit, conf.task_time_limit) == (40, 50)
+    assert conf.broker_transport_options["visibility_timeout"] == 60
+
+
+def test_deadlines_count_from_the_recorded_start() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.coordinator import _past
+
+    started = (datetime.now(UTC) - timedelta(seconds=90)).isoformat()
+    assert _past(started, 60) and not _past(started, 120) and not _past(None, 0.0)
