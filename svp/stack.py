@@ -247,6 +247,15 @@ class LocalStack:
         self.procs[service] = start_service(service, env, self.log_dir, port=port)
         return self.procs[service]
 
+    def restart_redis(self) -> ManagedProcess:
+        """Stop the stack's own redis-server (SIGTERM: it writes its AOF out) and start it again on the
+        same port and data directory, as a Redis pod or container restart does."""
+        old = self.procs["redis"]
+        old.stop(signal.SIGTERM)
+        port = int(old.url.rsplit(":", 1)[1].split("/")[0])
+        self.procs["redis"] = start_redis(self.spec.work_dir, port=port)
+        return self.procs["redis"]
+
     def stop(self) -> None:
         # Front to back: the gateway and worker first so nothing new reaches the services.
         for name in reversed(list(self.procs)):

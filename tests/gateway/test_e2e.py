@@ -172,6 +172,16 @@ def test_worker_killed_mid_round_is_replaced_and_every_image_runs_once(stack: Lo
     assert_each_image_once(stack, finished, 8)
 
 
+def test_redis_restarted_mid_round_and_every_image_runs_once(stack: LocalStack) -> None:
+    """Redis (AOF on) goes down and comes back mid-round: the queued and unacknowledged tasks, the
+    chord and the run's state survive it, and no image is processed twice."""
+    run = create(stack, "first-8.txt")
+    wait_for(stack, run.id, images_done_at_least(2))
+    stack.restart_redis()
+    finished = wait_for(stack, run.id, succeeded, timeout=300)
+    assert_each_image_once(stack, finished, 8)
+
+
 def test_sampler_restarted_mid_round_and_the_run_completes(stack: LocalStack) -> None:
     run = create(stack, "first-4.txt")
     wait_for(stack, run.id, images_done_at_least(1))
