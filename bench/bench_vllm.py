@@ -44,19 +44,21 @@ BENCH_SIZES: dict[str, object] = dict(hidden_size=1024, intermediate_size=4096, 
                    max_position_embeddings=2048)
 
 
-def bench_job(i: int, max_new_tokens: int) -> GenerationJob:
+def bench_job(i: int, max_new_tokens: int, seeded: bool) -> GenerationJob:
+    """Request ``i``; ``seeded`` as the SVP inner loop's are (``--unseeded`` measures without)."""
     pixels = np.random.default_rng(i).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     return GenerationJob(image=Image.fromarray(pixels), prompt_kind="base", context="", n=8, temperature=1.0,
-                         top_p=1.0, max_new_tokens=max_new_tokens, seed=i, top_logprobs=0, adapter=None)
+                         top_p=1.0, max_new_tokens=max_new_tokens, seed=i if seeded else None, top_logprobs=0,
+                         adapter=None)
 
 
 async def tokens_per_second(generate: Callable[[GenerationJob], Awaitable[list[GeneratedSample]]], clients: int,
-                            requests_per_client: int, max_new_tokens: int) -> float:
+                            requests_per_client: int, max_new_tokens: int, seeded: bool) -> float:
     """``clients`` concurrent loops of ``requests_per_client`` requests each; generated tokens / wall seconds."""
     async def client(c: int) -> int:
         tokens = 0
         for r in range(requests_per_client):
-            samples = await generate(bench_job(c * requests_per_client + r, max_new_tokens))
+            samples = await generate(bench_job(c * requests_per_client + r, max_new_tokens, seeded))
             tokens += sum(len(s.token_ids) for s in samples)
         return tokens
 
@@ -65,8 +67,8 @@ async def tokens_per_second(generate: Callable[[GenerationJob], Awaitable[list[G
     return sum(tokens) / (time.perf_counter() - start)
 
 
-async def run(model: str, max_new_tokens: int, requests_per_client: int,
-              options: VLLMOptions) -> dict[int, tuple[float, float]]:
+async def run(model: str, max_new_tokens: int, requests_per_client: int, options: VLLMOptions,
+              seeded: bool) -> dict[int, tuple[float, float]]:
     rows = VLMServiceSettings.model_fields["max_batch_rows"].default
     wait_s = VLMServiceSettings.model_fields["max_wait_ms"].default / 1000
     reference = TransformersEngine(load_vlm(model, device="cuda", dtype="bfloat16"))
@@ -82,10 +84,11 @@ async def run(model: str, max_new_tokens: int, requests_per_client: int,
     results: dict[int, tuple[float, float]] = {}
     try:
         for generate in (transformers_generate, vllm_engine.generate_async):  # warm-up: kernels, CUDA graphs
-            await tokens_per_second(generate, 2, 1, max_new_tokens)
+            await tokens_per_second(generate, 2, 1, max_new_tokens, seeded)
         for clients in CONCURRENCY:
-            ours = await tokens_per_second(transformers_generate, clients, requests_per_client, max_new_tokens)
-            theirs = await tokens_per_second(vllm_engine.generate_async, clients, requests_per_client, max_new_tokens)
+            ours = await tokens_per_second(transformers_generate, clients, requests_per_client, max_new_tokens, seeded)
+            theirs = await tokens_per_second(vllm_engine.generate_async, clients, requests_per_client, max_new_tokens,
+                                             seeded)
             results[clients] = (ours, theirs)
     finally:
         await batcher.stop()
@@ -100,6 +103,8 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--attention-backend", help="vLLM attention backend (default: vLLM's choice).")
     parser.add_argument("--mm-encoder-attention-backend", help="vLLM vision-encoder attention backend.")
+    parser.add_argument("--unseeded", action="store_true",
+                        help="Requests without seeds (vLLM samples seeded requests on a slower per-request path).")
     args = parser.parse_args()
     options = VLLMOptions(dtype="bfloat16", gpu_memory_utilization=0.5, attention_backend=args.attention_backend,
                           mm_encoder_attention_backend=args.mm_encoder_attention_backend)
@@ -107,9 +112,10 @@ def main() -> None:
         sys.exit("bench_vllm needs a CUDA device")
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_tiny_vlm(Path(tmp) / "llava", "llava", "llava_v1", 0, None, "default", **BENCH_SIZES))
-        results = asyncio.run(run(model, args.max_new_tokens, args.requests_per_client, options))
+        results = asyncio.run(run(model, args.max_new_tokens, args.requests_per_client, options, not args.unseeded))
     print(f"model {args.model or 'random LLaVA, ' + str(BENCH_SIZES)}; n=8, {args.max_new_tokens} new tokens, "
-          f"{args.requests_per_client} requests per client; {torch.cuda.get_device_name()}")
+          f"{args.requests_per_client} requests per client, {'unseeded' if args.unseeded else 'seeded'}; "
+          f"{torch.cuda.get_device_name()}")
     print(f"{'clients':>8} {'transformers tok/s':>20} {'vLLM tok/s':>12} {'vLLM / transformers':>20}")
     for clients, (ours, theirs) in results.items():
         print(f"{clients:>8} {ours:>20.0f} {theirs:>12.0f} {theirs / ours:>19.1f}x")
