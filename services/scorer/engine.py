@@ -12,5 +12,6 @@ def create_engine(settings: VLMServiceSettings) -> ScoringEngine:
     """Load the model named by ``settings`` into the configured engine (slow: runs on the model thread)."""
     assert isinstance(settings, Settings)
     if settings.engine == "transformers":
-        return TransformersEngine(load_vlm(settings.model, settings.device, settings.dtype))
+        return TransformersEngine(load_vlm(settings.model, settings.device, settings.dtype),
+                                  scoring_chunk_elements=settings.scoring_chunk_elements)
     raise ValueError(f"unknown scorer engine {settings.engine!r}")

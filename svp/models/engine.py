@@ -21,7 +21,7 @@ from PIL import Image
 
 from svp.contract import FinishReason, Normalization, PromptKind
 from svp.models.loading import LoadedVLM, PromptInputs
-from svp.scoring import PositionStats, position_stats, scores_from_stats
+from svp.scoring import position_stats, scores_from_stats
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ class _AdapterJob(Protocol):
 
 
 JobT = TypeVar("JobT", bound=_AdapterJob)
-# Largest [rows, time, vocab] block whose float64 statistics are computed at once (~1 GiB per tensor).
-STATS_CHUNK_ELEMENTS = 1 << 27
+DEFAULT_SCORING_CHUNK_ELEMENTS = 1 << 24
+"""Scoring holds the log-probs of at most this many rows x tokens x vocabulary entries at once."""
 PreparedT = TypeVar("PreparedT")
 ResultT = TypeVar("ResultT")
 
@@ -179,8 +179,9 @@ class TransformersEngine(SamplingEngine, ScoringEngine):
     generator, so seeded jobs are reproducible whatever they are batched with.
     """
 
-    def __init__(self, vlm: LoadedVLM):
+    def __init__(self, vlm: LoadedVLM, scoring_chunk_elements: int = DEFAULT_SCORING_CHUNK_ELEMENTS):
         self.vlm = vlm
+        self.scoring_chunk_elements = scoring_chunk_elements
         self._suppressed = torch.tensor(sorted(vlm.suppressed_token_ids), dtype=torch.long, device=vlm.device)
         self._stop_ids = torch.tensor(sorted(vlm.stop_token_ids), dtype=torch.long, device=vlm.device)
 
@@ -326,31 +327,36 @@ class TransformersEngine(SamplingEngine, ScoringEngine):
     @torch.inference_mode()
     def _score(self, jobs: list[ScoringJob],
                prompts: list[tuple[PromptInputs, PromptInputs]]) -> list[list[ContinuationScore]]:
-        q_prompts, p_prompts = [q for q, _ in prompts], [p for _, p in prompts]
         row_job = [j for j, job in enumerate(jobs) for _ in job.continuations]
         continuations = [c for job in jobs for c in job.continuations]
-        # Per prompt kind: one prefill of each job's prompt, one forward pass over all continuations.
-        logq, ids, mask = self.vlm.continuation_logprobs(q_prompts, row_job, continuations)
-        logp, _, _ = self.vlm.continuation_logprobs(p_prompts, row_job, continuations)
-        # Exact statistics in float64 over the full vocabulary, a bounded number of rows at a time.
-        rows_per_chunk = max(1, STATS_CHUNK_ELEMENTS // (logq.shape[1] * logq.shape[2]))
-        chunks = [position_stats(logq[i : i + rows_per_chunk], logp[i : i + rows_per_chunk],
-                                 mask[i : i + rows_per_chunk]) for i in range(0, logq.shape[0], rows_per_chunk)]
-        stats = PositionStats(*(torch.cat([getattr(c, f) for c in chunks]) for f in ("kl", "entropy_q", "entropy_p")))
-        reduced = {norm: scores_from_stats(stats, mask, norm) for norm in {job.normalization for job in jobs}}
-        chosen_q = logq.gather(-1, ids[..., None])[..., 0]
-        chosen_p = logp.gather(-1, ids[..., None])[..., 0]
+        # Full-vocabulary log-probs of q and p, and their float64 statistics, for a bounded number
+        # of rows at a time: memory follows scoring_chunk_elements, not M x tokens x vocabulary.
+        width = max(len(c) for c in continuations)
+        rows_per_chunk = max(1, self.scoring_chunk_elements // (width * self.vlm.vocab_size))
         out: list[list[ContinuationScore]] = [[] for _ in jobs]
-        for r, j in enumerate(row_job):
-            length = len(continuations[r])
-            scores = reduced[jobs[j].normalization]
-            out[j].append(ContinuationScore(
-                S=float(scores.S[r]),
-                delta=float(scores.delta[r]),
-                logq=chosen_q[r, :length].tolist(),
-                logp=chosen_p[r, :length].tolist(),
-                kl=stats.kl[r, :length].tolist(),
-                entropy_q=stats.entropy_q[r, :length].tolist(),
-                entropy_p=stats.entropy_p[r, :length].tolist(),
-            ))
+        for start in range(0, len(continuations), rows_per_chunk):
+            chunk = range(start, min(start + rows_per_chunk, len(continuations)))
+            used = sorted({row_job[r] for r in chunk})  # only this chunk's prompts are prefilled
+            local = [used.index(row_job[r]) for r in chunk]
+            conts = [continuations[r] for r in chunk]
+            logq, ids, mask = self.vlm.continuation_logprobs([prompts[j][0] for j in used], local, conts)
+            logp, _, _ = self.vlm.continuation_logprobs([prompts[j][1] for j in used], local, conts)
+            stats = position_stats(logq, logp, mask)
+            chosen_q = logq.gather(-1, ids[..., None])[..., 0]
+            chosen_p = logp.gather(-1, ids[..., None])[..., 0]
+            del logq, logp
+            reduced = {norm: scores_from_stats(stats, mask, norm)
+                       for norm in {jobs[row_job[r]].normalization for r in chunk}}
+            for i, r in enumerate(chunk):
+                length, job = len(continuations[r]), jobs[row_job[r]]
+                scores = reduced[job.normalization]
+                out[row_job[r]].append(ContinuationScore(
+                    S=float(scores.S[i]),
+                    delta=float(scores.delta[i]),
+                    logq=chosen_q[i, :length].tolist(),
+                    logp=chosen_p[i, :length].tolist(),
+                    kl=stats.kl[i, :length].tolist(),
+                    entropy_q=stats.entropy_q[i, :length].tolist(),
+                    entropy_p=stats.entropy_p[i, :length].tolist(),
+                ))
         return out

@@ -158,14 +158,16 @@ def test_on_cuda_in_bfloat16_logprobs_match_teacher_forcing_and_scores_match_flo
         assert g.S == pytest.approx(c.S, abs=5e-2) and g.delta == pytest.approx(c.delta, abs=5e-2)
 
 
-def test_scores_do_not_depend_on_how_rows_are_chunked(model_dir, monkeypatch):
-    import svp.models.engine as engine_module
+def test_scores_do_not_depend_on_how_rows_are_chunked(model_dir):
     from svp.models.engine import ScoringJob
 
-    engine = TransformersEngine(load_vlm(model_dir))
+    vlm = load_vlm(model_dir)
     jobs = [ScoringJob(IMAGE, "red circle: [0.10, 0.20, 0.30, 0.40]", [[30, 34, 49], [5, 6], [7]], "sum", None),
             ScoringJob(IMAGE, "", [[8, 9]], "mean", None)]
-    whole = engine.score(jobs)
-    monkeypatch.setattr(engine_module, "STATS_CHUNK_ELEMENTS", 1)  # one row per chunk
-    chunked = engine.score(jobs)
-    assert whole == chunked
+    whole = TransformersEngine(vlm).score(jobs)
+    chunked = TransformersEngine(vlm, scoring_chunk_elements=1).score(jobs)  # one row per forward pass
+    for w_job, c_job in zip(whole, chunked, strict=True):
+        assert not isinstance(w_job, Exception) and not isinstance(c_job, Exception)
+        for w, c in zip(w_job, c_job, strict=True):
+            for field in ("S", "delta", "logq", "logp", "kl", "entropy_q", "entropy_p"):
+                assert getattr(c, field) == pytest.approx(getattr(w, field), abs=1e-5), field
