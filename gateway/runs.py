@@ -13,8 +13,10 @@ import io
 import ipaddress
 import logging
 import secrets
+import shutil
 import socket
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -88,6 +90,13 @@ def check_url(url: str, allowed_hosts: list[str]) -> None:
         raise ServiceError(400, f"URL host {host!r} resolves to the internal address {internal}; "
                            "only hosts named in SVP_GATEWAY_ALLOWED_URL_HOSTS may", param="images")
 
+@dataclass
+class DownloadBudget:
+    """Bytes one run creation may still download from image URLs."""
+
+    left: int
+
+
 class RunService:
     def __init__(self, settings: Settings, store: RunStore, celery: Celery, clients: ServiceClients,
                  isvp_clients: ServiceClients):
@@ -141,10 +150,18 @@ class RunService:
             raise ServiceError(400, f"unknown model {model!r}; served: {', '.join(known)}", param="model")
 
     def resolve_images(self, spec: str, run_id: str) -> list[str]:
-        """Image paths relative to the data root, each checked to be an image; 4xx naming the problem."""
+        """Image paths relative to the data root, each checked to be an image; 4xx naming the problem.
+        A refused request leaves nothing behind (images fetched from URLs before the refusal go too)."""
+        try:
+            return self._resolve_images(spec, run_id, DownloadBudget(self.settings.max_run_download_bytes))
+        except BaseException:
+            shutil.rmtree(self.settings.data_root.resolve() / "uploads" / run_id, ignore_errors=True)
+            raise
+
+    def _resolve_images(self, spec: str, run_id: str, budget: DownloadBudget) -> list[str]:
         root = self.settings.data_root.resolve()
         if "://" in spec:
-            paths = [self._fetch_url(spec, run_id, 0)]
+            paths = [self._fetch_url(spec, run_id, 0, budget)]
         else:
             source = resolve_under(root, spec, "images")
             if not source.exists():
@@ -154,7 +171,7 @@ class RunService:
                 # Re-resolved so a symlink inside the directory cannot lead outside the root.
                 paths = [resolve_under(root, p.relative_to(root).as_posix(), "images") for p in found]
             elif source.suffix.lower() in MANIFEST_SUFFIXES:
-                paths = self._read_manifest(source, run_id)
+                paths = self._read_manifest(source, run_id, budget)
             else:
                 paths = [source]
         self._check_count(len(paths), spec)
@@ -174,7 +191,7 @@ class RunService:
             raise ServiceError(400, f"{count} images exceed the limit of {self.settings.max_images_per_run} per run",
                                param="images")
 
-    def _read_manifest(self, manifest: Path, run_id: str) -> list[Path]:
+    def _read_manifest(self, manifest: Path, run_id: str, budget: DownloadBudget) -> list[Path]:
         root = self.settings.data_root.resolve()
         lines = [line.strip() for line in manifest.read_text(errors="replace").splitlines()]
         lines = [line for line in lines if line and not line.startswith("#")]
@@ -182,7 +199,7 @@ class RunService:
         paths = []
         for n, line in enumerate(lines, start=1):
             if "://" in line:
-                paths.append(self._fetch_url(line, run_id, n))
+                paths.append(self._fetch_url(line, run_id, n, budget))
                 continue
             # Lines are relative to the manifest's directory (as ShapesWorld's exports write them).
             relative = (manifest.parent.relative_to(root) / line).as_posix()
@@ -201,7 +218,7 @@ class RunService:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ServiceError(400, f"{name} is not a decodable image: {exc}", param="images") from exc
 
-    def _fetch_url(self, url: str, run_id: str, n: int) -> Path:
+    def _fetch_url(self, url: str, run_id: str, n: int, budget: DownloadBudget) -> Path:
         """Download one image from an allowed host into the run's upload directory."""
         check_url(url, self.settings.allowed_url_hosts)
         try:
@@ -214,7 +231,12 @@ class RunService:
                     if len(received) > self.settings.max_url_bytes:
                         raise ServiceError(413, f"{url} is larger than {self.settings.max_url_bytes} bytes",
                                            param="images")
+                    if len(received) > budget.left:
+                        raise ServiceError(413, f"the run's images from URLs exceed "
+                                           f"{self.settings.max_run_download_bytes} bytes in all "
+                                           "(SVP_GATEWAY_MAX_RUN_DOWNLOAD_BYTES)", param="images")
                 data = bytes(received)
+                budget.left -= len(data)
         except httpx.HTTPError as exc:
             raise ServiceError(400, f"could not fetch {url}: {exc}", param="images") from exc
         self._check_image(data, url)

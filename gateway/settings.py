@@ -50,6 +50,8 @@ class Settings(ServiceSettings):
     max_samples_per_round: int = Field(default=400_000, ge=1, description="Cap on images x K per round.")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_url_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_run_download_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="All images one run creation may download from URLs, together.")
     page_limit: int = Field(default=100, ge=1, le=10_000, description="Largest page of GET /svp/runs.")
 
     images_by_path: bool = Field(

@@ -62,7 +62,7 @@ def gateway(redis_url: str, data_root: Path, tmp_path_factory: pytest.TempPathFa
     env = gateway_env(
         redis_url, data_root, tmp_path_factory.mktemp("artifacts"),
         SVP_GATEWAY_SERVED_MODELS="shapes-vlm", SVP_GATEWAY_MAX_SAMPLES_PER_ROUND="500",
-        SVP_GATEWAY_MAX_UPLOAD_BYTES="50000",
+        SVP_GATEWAY_MAX_UPLOAD_BYTES="50000", SVP_GATEWAY_MAX_RUN_DOWNLOAD_BYTES="4096",
     )
     with running_service("gateway", env, tmp_path_factory.mktemp("gateway-logs")) as proc:
         yield proc

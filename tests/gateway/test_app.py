@@ -195,8 +195,19 @@ def test_images_fetched_from_an_allowed_url_host(gateway: Proc, data_root: Path,
                 with pytest.raises(APIError) as err:
                     client.create_run(RunCreate(images=url, k=1, top_ratio=1.0, preset="tiny"))
                 assert err.value.status == status
+            # Each image is small, together they pass the gateway's 4096-byte download budget per run.
+            assert len(png_bytes()) < 4096
+            many = data_root / "many-urls.txt"
+            many.write_text(f"{base}/cat.png\n" * (4096 // len(png_bytes()) + 2))
+            runs_before = client.list_runs(limit=1).count
+            with pytest.raises(APIError) as err:
+                client.create_run(RunCreate(images=many.name, k=1, top_ratio=1.0, preset="tiny"))
+            assert err.value.status == 413 and "MAX_RUN_DOWNLOAD_BYTES" in str(err.value)
+            assert client.list_runs(limit=1).count == runs_before
     finally:
         server.terminate()
         server.wait(10)
     (fetched,) = (data_root / "uploads" / created.id).iterdir()
     assert fetched.read_bytes() == png_bytes()
+    # The refused run left no downloads behind: the only fetched images are the created run's.
+    assert [p.name for p in (data_root / "uploads").iterdir() if (p / "000001.png").exists()] == []
