@@ -26,14 +26,20 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-import httpx
 import redis
 from celery import Task, chord
 from celery.exceptions import SoftTimeLimitExceeded
 
 from gateway.artifacts import write_report, write_round_files
 from gateway.celery_app import FINISH_ROUND, POLL_TRAINING, PROCESS_IMAGE, START_ROUND, make_celery
-from gateway.inner_loop import InnerLoop, SamplingParams, ServiceClients, is_bad_input, is_transient
+from gateway.inner_loop import (
+    InnerLoop,
+    SamplingParams,
+    ServiceClients,
+    is_bad_input,
+    is_service_unavailable,
+    is_store_unavailable,
+)
 from gateway.settings import Settings
 from gateway.store import RunNotFound, RunStore
 from svp.client import APIError
@@ -67,12 +73,12 @@ app = make_celery(settings())
 
 
 class RunTask(Task):
-    """Base of the coordinator's tasks. Lost connections (to a service or to Redis) are retried with
-    exponential back-off by Celery's autoretry; a task that still fails fails its run with the
-    reason, so no run is left waiting on a task that will never come. ``process_image`` and
-    ``poll_training`` also retry 5xx replies themselves (they tell a 5xx from a 4xx)."""
+    """Base of the coordinator's tasks. A task that lost Redis is run again, with exponential back-off,
+    by Celery's autoretry; a task that still fails fails its run with the reason, so no run is left
+    waiting on a task that will never come. Service calls are not retried here: their clients
+    already retried them (one retry layer per call)."""
 
-    autoretry_for = (httpx.TransportError, redis.ConnectionError, redis.TimeoutError)
+    autoretry_for = (redis.ConnectionError, redis.TimeoutError)
     retry_backoff = True
     retry_backoff_max = settings().task_backoff_max_s
     max_retries = settings().task_max_retries
@@ -146,7 +152,7 @@ def process_image(self: Task, run_id: str, round_: int, index: int) -> int:
         params = SamplingParams.for_run(config, round_, index, adapter)
         result = InnerLoop(clients()).run_image(image, path, index, round_, params)
     except Exception as exc:
-        if is_transient(exc) and self.request.retries < settings().task_max_retries:
+        if is_store_unavailable(exc) and self.request.retries < settings().task_max_retries:
             log.warning("run %s round %d image %d: %s; retrying", run_id, round_, index, exc)
             raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
         # The image's result either way, so the chord completes.
@@ -154,7 +160,7 @@ def process_image(self: Task, run_id: str, round_: int, index: int) -> int:
         result = ImageResult(image=path, index=index, round=round_, adapter=adapter, status="failed",
                              error=f"{type(exc).__name__}: {exc}")
         recorded = s.record_result(run_id, result)
-        if is_bad_input(exc) or is_transient(exc) or isinstance(exc, SoftTimeLimitExceeded):
+        if is_bad_input(exc) or is_service_unavailable(exc) or isinstance(exc, SoftTimeLimitExceeded):
             # A bad image, a service still down after every retry, or an image past the task's
             # time limit: the round goes on without it (SVP_GATEWAY_MAX_FAILED_IMAGE_SHARE bounds
             # how many may fail).
@@ -209,7 +215,7 @@ def finish_round(self: Task, run_id: str, round_: int) -> None:
     try:
         job_id = _start_training(run_id, round_, selected_path.relative_to(settings().artifact_root).as_posix())
     except Exception as exc:
-        if is_transient(exc) and self.request.retries < settings().task_max_retries:
+        if is_store_unavailable(exc) and self.request.retries < settings().task_max_retries:
             raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
         _fail_run(run_id, f"round {round_}: could not start training: {exc}")
         return
@@ -284,12 +290,16 @@ def poll_training(self: Task, run_id: str, round_: int) -> None:
         for service in (clients().sampler, clients().scorer):
             service.load_adapter(job.adapter_name)
     except Exception as exc:
-        # A 4xx from a service will not heal; anything else is retried, and past the retries the
-        # run fails with the reason (a poll chain must never end silently).
-        permanent = isinstance(exc, APIError) and exc.status < 500
-        if not permanent and self.request.retries < settings().task_max_retries:
-            log.warning("run %s round %d: polling trainer failed (%s); retrying", run_id, round_, exc)
+        if is_store_unavailable(exc) and self.request.retries < settings().task_max_retries:
             raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
+        if is_service_unavailable(exc) and not _past(s.round_field(run_id, round_, "training_started_at"),
+                                                     settings().training_deadline_s):
+            # The trainer (or a model service) is down even after the client's retries: ask
+            # again at the next poll, until the training deadline.
+            log.warning("run %s round %d: polling trainer failed (%s); polling again", run_id, round_, exc)
+            self.apply_async((run_id, round_), countdown=settings().training_poll_s)
+            return
+        # A 4xx will not heal: the run fails with the reason (a poll chain never ends silently).
         _fail_run(run_id, f"round {round_}: {type(exc).__name__}: {exc}")
         return
     _finish_training(run_id, round_, job.adapter_name, job.metrics)

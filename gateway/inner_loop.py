@@ -59,12 +59,16 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: a service (or Redis) was unreachable, or a service answered 5xx or 429 (busy)
-    after the client's own retries."""
-    if isinstance(exc, httpx.TransportError | redis.ConnectionError | redis.TimeoutError):
+def is_service_unavailable(exc: BaseException) -> bool:
+    """A service stayed unreachable, or kept answering 5xx or 429 (busy), through the client's retries."""
+    if isinstance(exc, httpx.TransportError):
         return True
     return isinstance(exc, APIError) and (exc.status >= 500 or exc.status == 429)
+
+
+def is_store_unavailable(exc: BaseException) -> bool:
+    """Redis (run state, the broker) was unreachable: worth running the task again once it is back."""
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError)
 
 
 BAD_INPUT_STATUSES = frozenset({400, 413, 422})
@@ -92,6 +96,7 @@ class ServiceClients:
             "timeout": timeout_s or settings.service_timeout_s,
             "retries": settings.service_retries if retries is None else retries,
             "backoff_s": settings.service_backoff_s,
+            "max_backoff_s": settings.service_max_backoff_s,
             "api_key": settings.service_token,
         }
         return cls(

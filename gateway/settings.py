@@ -61,8 +61,11 @@ class Settings(ServiceSettings):
                     "image bytes. False: inline base64 in every call, for services that do not share the data root.",
     )
     service_timeout_s: float = Field(default=600.0, gt=0, description="Per HTTP call to a model service.")
-    service_retries: int = Field(default=4, ge=0, le=20)
-    service_backoff_s: float = Field(default=0.5, ge=0)
+    service_retries: int = Field(
+        default=8, ge=0, le=30, description="Retries of one service call (connection errors, 5xx, 429): the only "
+                                            "retry layer of a call; the default rides out about 45 s of outage.")
+    service_backoff_s: float = Field(default=0.5, ge=0, description="First back-off; doubles, jittered.")
+    service_max_backoff_s: float = Field(default=10.0, gt=0, description="Longest back-off between two retries.")
     isvp_timeout_s: float = Field(default=120.0, gt=0, description="Whole /isvp/caption request.")
     url_timeout_s: float = Field(default=30.0, gt=0)
     training_poll_s: float = Field(default=5.0, gt=0, description="Countdown between trainer job polls.")
@@ -71,7 +74,7 @@ class Settings(ServiceSettings):
         default=0.1, ge=0.0, le=1.0,
         description="A round in which more than this share of images failed for good fails its run.",
     )
-    task_max_retries: int = Field(default=5, ge=0, le=100)
+    task_max_retries: int = Field(default=5, ge=0, le=100, description="Retries of a task that lost Redis.")
     task_backoff_max_s: int = Field(default=60, ge=1)
     task_soft_time_limit_s: int = Field(
         default=2700, ge=1, description="A task still running after this long is stopped (its image fails).")

@@ -8,6 +8,7 @@ errors and 5xx replies are retried with exponential back-off (``retries`` times)
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Any, TypeVar
 
@@ -65,7 +66,9 @@ def retry_after_s(response: httpx.Response, default: float) -> float:
 
 class ServiceClient:
     """Base of the typed clients: JSON in, contract models out, retries on transient failures
-    (connection errors, 5xx, and 429 after the server's Retry-After)."""
+    (connection errors, 5xx, and 429 after the server's Retry-After) with capped, jittered
+    exponential back-off. This is the one retry layer of a service call: the coordinator's tasks
+    do not retry what a client gave up on."""
 
     def __init__(
         self,
@@ -75,10 +78,15 @@ class ServiceClient:
         backoff_s: float = 0.5,
         api_key: str | None = None,
         transport: httpx.BaseTransport | None = None,
+        max_backoff_s: float = 10.0,
     ):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers, transport=transport)
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential back-off, capped, with jitter: clients that failed together retry apart."""
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
     def close(self) -> None:
         self._http.close()
@@ -105,9 +113,9 @@ class ServiceClient:
                     break
                 log.warning("%s %s returned %s; retrying", method, path, response.status_code)
                 if busy:  # the server says when it will have room (bounded: a client never stalls long)
-                    time.sleep(min(MAX_RETRY_AFTER_S, retry_after_s(response, self.backoff_s * 2**attempt)))
+                    time.sleep(min(MAX_RETRY_AFTER_S, retry_after_s(response, self._backoff(attempt))))
                     continue
-            time.sleep(self.backoff_s * 2**attempt)
+            time.sleep(self._backoff(attempt))
         if response.status_code >= 400:
             try:
                 error: ErrorResponse | None = ErrorResponse.model_validate_json(response.content)

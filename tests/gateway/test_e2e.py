@@ -45,10 +45,12 @@ def stack(world: WorldArtifacts, tmp_path_factory: pytest.TempPathFactory) -> It
     work = tmp_path_factory.mktemp("stack")
     spec = stack_spec(work, world.root / "data", work / "artifacts", world.model_dir, API_KEY, workers=2)
     spec.gateway_env.update({
-        # A killed worker's tasks come back after 20 s (production: an hour); no task may run longer.
-        "SVP_GATEWAY_VISIBILITY_TIMEOUT_S": "20", "SVP_GATEWAY_UNACKED_RESTORE_INTERVAL_S": "1",
-        "SVP_GATEWAY_TASK_SOFT_TIME_LIMIT_S": "15", "SVP_GATEWAY_TASK_TIME_LIMIT_S": "18",
-        "SVP_GATEWAY_SERVICE_RETRIES": "2", "SVP_GATEWAY_SERVICE_BACKOFF_S": "0.5",
+        # A killed worker's tasks come back after 40 s (production: an hour); no task may run longer.
+        "SVP_GATEWAY_VISIBILITY_TIMEOUT_S": "40", "SVP_GATEWAY_UNACKED_RESTORE_INTERVAL_S": "1",
+        "SVP_GATEWAY_TASK_SOFT_TIME_LIMIT_S": "30", "SVP_GATEWAY_TASK_TIME_LIMIT_S": "35",
+        # A service call rides out 11-22 s of outage (a restarted sampler) before its image fails.
+        "SVP_GATEWAY_SERVICE_RETRIES": "12", "SVP_GATEWAY_SERVICE_BACKOFF_S": "0.5",
+        "SVP_GATEWAY_SERVICE_MAX_BACKOFF_S": "2",
         "SVP_GATEWAY_TASK_MAX_RETRIES": "10", "SVP_GATEWAY_TASK_BACKOFF_MAX_S": "4",
         "SVP_GATEWAY_TRAINING_POLL_S": "1",
     })
