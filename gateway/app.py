@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @router.get("/svp/runs", response_model=RunsPublic, tags=["runs"])
     def list_runs(
-        skip: int = Query(default=0, ge=0),
+        skip: int = Query(default=0, ge=0, le=1_000_000_000),  # Redis list indices are 64-bit
         # A plain default (not Annotated): the bound comes from the settings in this closure.
         limit: int = Query(default=min(100, settings.page_limit), ge=1, le=settings.page_limit),
     ) -> RunsPublic:

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import Field
 from pydantic_settings import BaseSettings
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from svp.contract import ErrorDetail, ErrorResponse, Health, ImageInput
 
@@ -92,6 +93,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse(error_body(exc.status, exc.message, exc.type, exc.param), status_code=exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (no such route, a body it cannot parse) in the same envelope.
+        kind = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}.get(
+            exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error")
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), kind), status_code=exc.status_code,
                             headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -245,10 +254,19 @@ def create_service_app(
     return app
 
 
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+"""Linux's PATH_MAX and NAME_MAX: longer paths make the file system raise, not answer."""
+
+
 def resolve_under(root: Path, relative: str, param: str) -> Path:
-    """``root / relative``, refusing absolute paths and anything that escapes ``root``."""
+    """``root / relative``, refusing absolute paths, anything that escapes ``root``, and names no
+    file system accepts (a NUL byte, a component over 255 bytes, a path over 4096)."""
     if not relative or Path(relative).is_absolute():
         raise ServiceError(400, f"{param} must be a relative path under the configured root", param=param)
+    if ("\x00" in relative or len(relative.encode()) > MAX_PATH_BYTES
+            or any(len(part.encode()) > MAX_NAME_BYTES for part in Path(relative).parts)):
+        raise ServiceError(400, f"{param} is not a valid path (a NUL byte, or a name too long)", param=param)
     root = root.resolve()
     path = (root / relative).resolve()
     if path != root and root not in path.parents:
