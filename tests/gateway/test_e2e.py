@@ -203,6 +203,23 @@ def test_gateway_restarted_mid_run_still_lists_the_run_which_completes(stack: Lo
     assert Path(stack.spec.artifact_root / "runs" / run.id / "report.md").is_file()
 
 
+def test_an_image_that_only_looks_like_one_fails_alone(stack: LocalStack, world: WorldArtifacts) -> None:
+    """Run creation checks image headers only (quick for 10,000 images): a PNG cut short passes it,
+    the sampler refuses it as bad input, and the run goes on with the other ten (1 in 11 is under
+    the 10 % of failed images a round may have)."""
+    data = world.root / "data"
+    images = sorted((world.data_dirs["unlabelled"] / "images").glob("*.png"))[:10]
+    (data / "truncated.png").write_bytes(images[0].read_bytes()[:120])  # signature and header, no pixels
+    (data / "ten-and-a-truncated.txt").write_text(
+        "".join(f"unlabelled/images/{p.name}\n" for p in images) + "truncated.png\n")
+    run = wait_for(stack, create(stack, "ten-and-a-truncated.txt", k=2).id, succeeded)
+    (round_,) = run.rounds
+    assert (round_.images_done, round_.images_failed) == (11, 1)
+    (bad,) = [x for x in candidates(stack, run.id, 1) if x.status == "failed"]
+    assert bad.image == "truncated.png" and "HTTP 400" in (bad.error or "")
+    assert any("truncated.png" in e for e in run.errors)
+
+
 def test_a_fault_of_the_system_stops_the_run_naming_it(stack: LocalStack) -> None:
     """A sampler that refuses the stack's service token is a misconfiguration, not a bad image: the
     run fails once with the cause instead of failing its images one by one."""
