@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from svp.contract import FinishReason, Normalization, PromptKind
-from svp.models.loading import LoadedVLM, PromptInputs
+from svp.models.loading import LoadedVLM, PromptInputs, VLMPrompter
 from svp.scoring import position_stats, scores_from_stats
 
 log = logging.getLogger(__name__)
@@ -106,18 +106,23 @@ class ModelEngine(ABC):
 
     @property
     @abstractmethod
+    def prompter(self) -> VLMPrompter:
+        """How prompts for this engine's model are rendered (the same for every engine)."""
+
+    @property
     def chat_format(self) -> str:
         """The chat format prompts are rendered in (``llava_v1``, ..., or ``checkpoint``)."""
+        return self.prompter.chat_format
 
     @property
-    @abstractmethod
     def vocab_size(self) -> int:
         """Size of the output distribution; valid token ids are ``0 .. vocab_size - 1``."""
+        return self.prompter.vocab_size
 
     @property
-    @abstractmethod
     def image_token_id(self) -> int:
         """The image placeholder token, never generated and never valid inside a continuation."""
+        return self.prompter.image_token_id
 
     @property
     @abstractmethod
@@ -186,16 +191,8 @@ class TransformersEngine(SamplingEngine, ScoringEngine):
         self._stop_ids = torch.tensor(sorted(vlm.stop_token_ids), dtype=torch.long, device=vlm.device)
 
     @property
-    def chat_format(self) -> str:
-        return self.vlm.chat_format
-
-    @property
-    def vocab_size(self) -> int:
-        return self.vlm.vocab_size
-
-    @property
-    def image_token_id(self) -> int:
-        return self.vlm.image_token_id
+    def prompter(self) -> VLMPrompter:
+        return self.vlm
 
     @property
     def adapters(self) -> dict[str, Path]:

@@ -155,7 +155,7 @@ class VLLMEngine(ContinuousSamplingEngine):
     """Samples from vLLM's ``AsyncLLM`` (see the module docstring). Create it with :meth:`create`."""
 
     def __init__(self, prompter: VLMPrompter, llm: Any):
-        self.prompter = prompter
+        self._prompter = prompter
         self.llm = llm
         self._stop_ids = sorted(prompter.stop_token_ids)
         self._bias = dict.fromkeys(sorted(prompter.suppressed_token_ids), -math.inf)
@@ -205,16 +205,8 @@ class VLLMEngine(ContinuousSamplingEngine):
     # ------------------------------------------------------------ ModelEngine
 
     @property
-    def chat_format(self) -> str:
-        return self.prompter.chat_format
-
-    @property
-    def vocab_size(self) -> int:
-        return self.prompter.vocab_size
-
-    @property
-    def image_token_id(self) -> int:
-        return self.prompter.image_token_id
+    def prompter(self) -> VLMPrompter:
+        return self._prompter
 
     @property
     def adapters(self) -> dict[str, Path]:
