@@ -63,8 +63,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--whole-rows", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--chunked-rows", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--whole-rows", type=int, nargs="+", default=[1, 2, 4])  # M=4 whole: ~10 GiB
+    parser.add_argument("--chunked-rows", type=int, nargs="+", default=[4, 64])
     parser.add_argument("--measure", nargs=3, metavar=("MODEL", "ROWS", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import sys
 import tempfile
 import time
@@ -108,8 +109,9 @@ def main() -> None:
     args = parser.parse_args()
     options = VLLMOptions(dtype="bfloat16", gpu_memory_utilization=0.5, attention_backend=args.attention_backend,
                           mm_encoder_attention_backend=args.mm_encoder_attention_backend)
-    if not torch.cuda.is_available():
-        sys.exit("bench_vllm needs a CUDA device")
+    if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
+        print("bench_vllm: skipped, it needs a CUDA device and vLLM (pip install -e '.[gpu]')")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_tiny_vlm(Path(tmp) / "llava", "llava", "llava_v1", 0, None, "default", **BENCH_SIZES))
         results = asyncio.run(run(model, args.max_new_tokens, args.requests_per_client, options, not args.unseeded))
