@@ -12,22 +12,14 @@ Layout under ``<artifact_root>``::
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from svp.contract import ArtifactPublic, ArtifactsPublic, ImageResult, RunPublic
+from svp.files import write_atomic
 from svp.prompts import PAPER_PROMPTS
 from svp.service import not_found, resolve_under
 
 ADAPTERS_PREFIX = "adapters/"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers never see half a file, and a task that writes twice leaves one complete copy."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def llava_record(result: ImageResult, candidate_index: int) -> dict[str, object]:
@@ -47,15 +39,15 @@ def write_round_files(run_dir: Path, round_: int, results: list[ImageResult]) ->
     """Write the round's selected JSONL and candidates JSONL; returns the selected path and its line count."""
     lines = [json.dumps(llava_record(r, i)) for r in results for i in r.selected]
     selected = run_dir / f"round-{round_}" / "selected.jsonl"
-    _write_atomic(selected, "".join(line + "\n" for line in lines))
-    _write_atomic(run_dir / f"round-{round_}" / "candidates.jsonl",
+    write_atomic(selected, "".join(line + "\n" for line in lines))
+    write_atomic(run_dir / f"round-{round_}" / "candidates.jsonl",
                   "".join(r.model_dump_json() + "\n" for r in results))
     return selected, len(lines)
 
 
 def write_report(run_dir: Path, run: RunPublic) -> Path:
     """``report.json`` (the run record) and ``report.md`` (a per-round table)."""
-    _write_atomic(run_dir / "report.json", run.model_dump_json(indent=2))
+    write_atomic(run_dir / "report.json", run.model_dump_json(indent=2))
     rows = [
         "| round | images (failed) | prior | grounded | scored | selected | degenerate | mean score | selected mean | adapter |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -77,7 +69,7 @@ def write_report(run_dir: Path, run: RunPublic) -> Path:
         f"iterations {c.iterations}, preset {c.preset}, variant {c.variant}\n\n"
     )
     errors = "".join(f"- {e}\n" for e in run.errors)
-    _write_atomic(run_dir / "report.md", header + "\n".join(rows) + "\n" + (f"\n## errors\n{errors}" if errors else ""))
+    write_atomic(run_dir / "report.md", header + "\n".join(rows) + "\n" + (f"\n## errors\n{errors}" if errors else ""))
     return run_dir / "report.md"
 
 

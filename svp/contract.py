@@ -231,8 +231,12 @@ class ModelsPublic(BaseModel):
     count: int
 
 
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""An adapter's name: its directory under ``adapters/`` (no path separators, no leading dot)."""
+
+
 class AdapterLoad(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Directory under adapters/.")
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="Directory under adapters/.")
 
 
 class AdapterPublic(BaseModel):
@@ -328,7 +332,7 @@ class TrainingJobCreate(StrictModel):
     parent_adapter: str | None = Field(default=None, description="Adapter to continue from (by name).")
     dataset_path: str = Field(min_length=1, description="Selected samples JSONL (LLaVA conversation format).")
     vq_dataset_path: str | None = Field(default=None, description="VQ pairs JSONL for the CVQ variant.")
-    output_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    output_name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     preset: str | None = Field(default=None, description="Named Table 11 preset; overridden by 'config'.")
     config: TrainingConfig | None = None
     merge: bool = Field(default=False, description="Also save a merged full model.")

@@ -6,13 +6,13 @@ the new record, never half of one. The store is the source of truth the service 
 
 from __future__ import annotations
 
-import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from svp.contract import TrainingJobPublic
+from svp.files import write_atomic
 
 
 def utc_now() -> datetime:
@@ -32,10 +32,7 @@ class JobStore:
             self._jobs[job.id] = job
 
     def _write(self, job: TrainingJobPublic) -> None:
-        path = self.directory / f"{job.id}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(job.model_dump_json(indent=2))
-        os.replace(tmp, path)
+        write_atomic(self.directory / f"{job.id}.json", job.model_dump_json(indent=2))
 
     def add(self, job: TrainingJobPublic) -> None:
         with self._lock:

@@ -37,7 +37,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-from svp.contract import PromptKind
+from svp.contract import ADAPTER_NAME_PATTERN, PromptKind
 from svp.prompts import CHAT_TEMPLATES, build_messages
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ MODEL_CLASSES: dict[str, Any] = {
 # Chat format recorded for a checkpoint whose template is its own rather than one of ours.
 CHECKPOINT_CHAT_FORMAT = "checkpoint"
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
