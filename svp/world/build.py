@@ -12,7 +12,8 @@ seconds-scale configuration the tests use)::
                        threads, versions, CPU flags), every attempt and the gate; written last
 
 A model is cached only once it passes :mod:`svp.world.gate`. A build that fails the gate (after
-stage 1, or at the end) is tried again with the next seed, up to the scale's ``attempts``; if
+stage 1, at stage 2's stall check after its decoder restarts, or at the end) is tried again with
+the next seed, up to the scale's ``attempts``; if
 none passes, the build fails with the gate's table and nothing is cached. A build whose
 ``build.json`` matches the requested configuration is reused; anything else is rebuilt from
 scratch (``--force`` always rebuilds).
@@ -31,7 +32,7 @@ from typing import Any
 
 from svp.world.export import export_split
 from svp.world.gate import GateThresholds, gate_failures, gate_table, measure_gate
-from svp.world.model import VisionGateError, WorldModelConfig, train_world_vlm
+from svp.world.model import DecoderStalled, VisionGateError, WorldModelConfig, train_world_vlm
 from svp.world.probes import POPE_STRATEGIES, count_questions, pope_questions, region_items
 from svp.world.scenes import generate_scenes
 
@@ -69,16 +70,17 @@ SCALES: dict[str, WorldScale] = {
 PRECISIONS = {"auto": None, "bf16": True, "float32": False}
 
 
-def scale_spec(scale: str, seed: int | None = None, precision: str = "auto") -> WorldScale:
-    """The named scale with another first seed and/or stage-2 precision (``svp world build`` and
-    ``svp demo`` options)."""
+def scale_spec(scale: str, seed: int | None = None, precision: str = "auto", threads: int | None = None) -> WorldScale:
+    """The named scale with another first seed, stage-2 precision and/or thread count (``svp world
+    build`` and ``svp demo`` options)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
     spec = SCALES[scale]
     model = dataclasses.replace(spec.model, bf16=PRECISIONS[precision],
-                                seed=spec.model.seed if seed is None else seed)
+                                seed=spec.model.seed if seed is None else seed,
+                                threads=spec.model.threads if threads is None else threads)
     return dataclasses.replace(spec, model=model)
 
 
@@ -180,9 +182,10 @@ def train_gated(model_dir: Path, spec: WorldScale, progress: bool = True) -> dic
             shutil.rmtree(model_dir)
         try:
             report = train_world_vlm(model_dir, config, min_readout=spec.gate.min_readout, progress=progress)
-        except VisionGateError as exc:
+        except (VisionGateError, DecoderStalled) as exc:
+            stage = "vision" if isinstance(exc, VisionGateError) else "decoder"
             log.warning("seed %d: %s", config.seed, exc)
-            attempts.append({"seed": config.seed, "stage": "vision", "failures": [str(exc)]})
+            attempts.append({"seed": config.seed, "stage": stage, "failures": [str(exc)]})
             continue
         gate = {**{f"readout_{k}": v for k, v in report.vision_readout.items()},
                 **measure_gate(model_dir, spec.gate, start=config.train_scenes, progress=progress)}
@@ -197,7 +200,7 @@ def train_gated(model_dir: Path, spec: WorldScale, progress: bool = True) -> dic
         if not failures:
             return {
                 "seed": config.seed, "attempts": attempts, "gate": gate, "parameters": report.parameters,
-                "steps": report.steps, "vision_loss": report.vision_loss, "final_loss": report.loss,
+                "steps": report.steps, "decoder_restarts": report.decoder_restarts, "vision_loss": report.vision_loss, "final_loss": report.loss,
                 "vision_seconds": report.vision_seconds, "tuning_seconds": report.tuning_seconds,
                 "training_seconds": report.training_seconds, "environment": report.environment,
             }

@@ -21,13 +21,15 @@ def build(
     seed: int | None = typer.Option(None, help="First seed of the build (default: the scale's, 0)."),
     precision: str = typer.Option("auto", help="Stage 2's decoder: 'auto' (bfloat16 where the CPU has it natively), "
                                                "'bf16' or 'float32'."),
+    threads: int | None = typer.Option(None, min=1, help="torch threads (speed only; default 2). One each when "
+                                                         "two builds share a 2-core machine."),
 ) -> None:
     """Build (or reuse) the versioned data exports and the gated base VLM; prints where they are and the gate."""
     from svp.world.build import WorldGateError, ensure_world, scale_spec
     from svp.world.gate import gate_table
 
     try:
-        spec = scale_spec(scale, seed, precision)
+        spec = scale_spec(scale, seed, precision, threads)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     try:
@@ -40,7 +42,7 @@ def build(
     typer.echo(json.dumps({"root": str(world.root), "model": str(world.model_dir),
                            "data": {k: str(v) for k, v in world.data_dirs.items()},
                            "seed": b["seed"], "parameters": b["parameters"], "steps": b["steps"],
-                           "vision_seconds": round(b["vision_seconds"], 1),
+                           "decoder_restarts": len(b["decoder_restarts"]), "vision_seconds": round(b["vision_seconds"], 1),
                            "tuning_seconds": round(b["tuning_seconds"], 1), "environment": b["environment"]},
                           indent=1))
 

@@ -141,6 +141,27 @@ class WorldModelConfig:
     objects leaves out each small one — as human captions (COCO's) name a crowded scene's salient
     things — so the base model misses small objects as real VLMs do. ``grounded`` answers always
     name every object: with grounding, the model describes what it would otherwise skip."""
+    bare_caption_share: float = 0.5
+    """Share of ``base`` captions asked in a bare user turn — the base prompt with no system prompt,
+    as LLaVA's instruction data asks for descriptions. Behind the ~75-word Appendix F system prompt
+    the 10 image tokens are a twentieth of what a caption token can attend to; in a bare turn they
+    are a third, and a randomly initialised decoder finds the image there first. Without them,
+    whether and when the decoder started to read the image was a matter of seed: seeds 3 and 4 of
+    v4 named shapes and colours at chance for all of stage 2 (see ``stall_check_step``)."""
+    simple_scene_steps: int = 200
+    simple_scene_objects: int = 2
+    """For the first ``simple_scene_steps`` steps, captions and region questions are drawn from scenes
+    with at most ``simple_scene_objects`` objects: where one or two cells differ from the background,
+    attending to any changed cell already tells what to say, and the decoder learns to look before
+    it must learn where."""
+    stall_check_step: int = 300
+    stall_loss_ratio: float = 0.8
+    max_decoder_restarts: int = 2
+    """At step ``stall_check_step`` of stage 2 the decoder's held-out loss on the shape and colour
+    words of captions (among their class: chance is ln 4 and ln 6) must be below ``stall_loss_ratio``
+    of chance for both. If not, the decoder has not found the image yet — it may never, and a later
+    gate would only throw the whole build away — so projector and decoder start again from the next
+    initialisation (the trained tower kept), up to ``max_decoder_restarts`` times. 0 disables the check."""
     probe_question_first: float = 0.5
     """Share of probe examples with the question before the image, as in LLaVA's instruction data,
     where ``<image>`` opens or closes the first turn at random: image tokens that come after the
@@ -170,7 +191,7 @@ class WorldModelConfig:
         small = dict(cls().sizes, vision_hidden_size=32, vision_intermediate_size=64, vision_layers=2,
                      hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
         return cls(train_scenes=300, vision_steps=20, vision_batch_size=32, vision_warmup_steps=2, steps=30,
-                   batch_size=8, lr=3e-3, warmup_steps=5, sizes=small)
+                   batch_size=8, lr=3e-3, warmup_steps=5, simple_scene_steps=10, stall_check_step=0, sizes=small)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -306,6 +327,15 @@ class ExampleSampler:
         self.index = {s.scene_id: i for i, s in enumerate(scenes)}
         self.config = config
         self.token_weights = dict(config.token_weights)
+        self.simple_scenes = [i for i, s in enumerate(scenes) if len(s.objects) <= config.simple_scene_objects]
+        self.step = 0
+        """Stage 2's current step (set by :func:`instruction_tune`): the first steps draw simple scenes."""
+
+    def scene_index(self) -> int:
+        """A scene for a caption or region question: a simple one early in stage 2 (see the config)."""
+        if self.step < self.config.simple_scene_steps and self.simple_scenes:
+            return self.simple_scenes[int(self.rng.integers(len(self.simple_scenes)))]
+        return int(self.rng.integers(len(self.scenes)))
 
     def sample(self, weighted: bool = True) -> Example:
         """One example; ``weighted``: its tokens carry the task's ``token_weights`` (else 1)."""
@@ -336,10 +366,12 @@ class ExampleSampler:
 
     def _sample(self, task: str) -> Example:
         if task in ("base", "grounded", "reg"):
-            i = int(self.rng.integers(len(self.scenes)))
+            i = self.scene_index()
             scene = self.scenes[i]
             if task == "base":
-                return Example(i, self.encoder.prompt_ids(build_messages("base")),
+                bare = self.rng.random() < self.config.bare_caption_share
+                messages = question_messages(PAPER_PROMPTS.base) if bare else build_messages("base")
+                return Example(i, self.encoder.prompt_ids(messages),
                                self.encoder.answer_ids(canonical_caption(self.base_caption_objects(scene))))
             if task == "grounded":
                 return self._grounded(i)
@@ -564,11 +596,56 @@ def lr_factor(progress: float, step: int, warmup_steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+ATTRIBUTE_WORDS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(COLOURS)}
+STALL_CHECK_SCENES = 48
+
+
+def attribute_losses(model: LlavaForConditionalGeneration, encoder: PromptEncoder, scenes: list[Scene]) -> dict[str, float]:
+    """Mean loss, teacher-forced, of each shape and colour word in the full base-prompt captions of
+    ``scenes``, among the words of its class (a decoder blind to the image scores ln 4 and ln 6)."""
+    tokenizer = encoder.tokenizer
+    classes = {name: sorted(int(tokenizer.convert_tokens_to_ids(w)) for w in words)
+               for name, words in ATTRIBUTE_WORDS.items()}
+    losses: dict[str, list[float]] = {name: [] for name in classes}
+    pixels = pixel_tensor([s.render() for s in scenes], encoder.processor)
+    prompt = encoder.prompt_ids(build_messages("base"))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for scene, image in zip(scenes, pixels, strict=True):
+            answer = encoder.answer_ids(canonical_caption(scene.objects))
+            logits = model(input_ids=torch.tensor([prompt + answer]), pixel_values=image[None]).logits[0].float()
+            for j, token in enumerate(answer):
+                row = logits[len(prompt) + j - 1]  # the logits that predict answer token j
+                for name, ids in classes.items():
+                    if token in ids:
+                        losses[name].append(float(torch.logsumexp(row[ids], 0) - row[token]))
+    model.train(was_training)
+    return {name: float(np.mean(v)) for name, v in losses.items()}
+
+
+class DecoderStalled(RuntimeError):
+    """Stage 2 reached its stall check with a decoder that still does not read the image."""
+
+    def __init__(self, losses: dict[str, float]):
+        self.losses = losses
+        super().__init__("decoder still blind to the image at the stall check (held-out loss / chance: "
+                         + ", ".join(f"{k} {v / math.log(len(ATTRIBUTE_WORDS[k])):.2f}" for k, v in losses.items())
+                         + ")")
+
+
+def stalled(losses: dict[str, float], ratio: float) -> bool:
+    return any(v >= ratio * math.log(len(ATTRIBUTE_WORDS[k])) for k, v in losses.items())
+
+
 def instruction_tune(
     model: LlavaForConditionalGeneration, pixels: torch.Tensor, sampler: ExampleSampler, pad_id: int,
     config: WorldModelConfig, progress: bool = True,
 ) -> float:
-    """Stage 2 (vision tower frozen), ``config.steps`` steps; returns the mean loss of the last 20."""
+    """Stage 2 (vision tower frozen), ``config.steps`` steps; returns the mean loss of the last 20.
+
+    Raises :class:`DecoderStalled` at ``config.stall_check_step`` when the decoder does not yet
+    read shapes and colours on held-out scenes."""
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -581,6 +658,17 @@ def instruction_tune(
     bar = tqdm(range(config.steps), desc="instruction tuning", disable=not progress)
     with vision_in_float32(model):  # once for the whole loop, not per step
         for step in bar:
+            if config.stall_check_step and step == config.stall_check_step:
+                # Train-split scenes past the ones trained on and past stage 1's held-out ones.
+                held_out = generate_scenes("train", STALL_CHECK_SCENES,
+                                           start=config.train_scenes + VISION_HELD_OUT_SCENES)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    losses = attribute_losses(model, sampler.encoder, held_out)
+                log.info("stall check at step %d: held-out %s", step,
+                         ", ".join(f"{k} loss {v:.3f}" for k, v in losses.items()))
+                if stalled(losses, config.stall_loss_ratio):
+                    raise DecoderStalled(losses)
+            sampler.step = step
             done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = config.lr * lr_factor(done, step, config.warmup_steps)
@@ -601,6 +689,18 @@ def instruction_tune(
     return sum(recent) / max(1, len(recent))
 
 
+DECODER_RESTART_SEED_STEP = 1000
+"""Restart r of seed s initialises projector and decoder with seed s + 1000 r: not another build's seed."""
+
+
+def reinitialise_decoder(model: LlavaForConditionalGeneration, seed: int) -> LlavaForConditionalGeneration:
+    """A fresh initialisation of ``model``'s architecture from ``seed``, with ``model``'s vision tower."""
+    torch.manual_seed(seed)
+    fresh = LlavaForConditionalGeneration(model.config)
+    fresh.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
+    return fresh.eval()
+
+
 class VisionGateError(RuntimeError):
     """Stage 1 ended below the read-out the configuration asks for: a collapsed vision tower."""
 
@@ -612,6 +712,9 @@ class TrainReport:
     vision_readout: dict[str, float]
     loss: float
     steps: int
+    """Stage-2 steps run, those of restarted starts included."""
+    decoder_restarts: list[dict[str, float]]
+    """Held-out attribute losses of each stage-2 start that failed its stall check."""
     vision_seconds: float
     tuning_seconds: float
     environment: dict[str, Any]
@@ -688,8 +791,20 @@ def train_world_vlm(
         if short:
             raise VisionGateError("vision pre-training ended below the gate (held-out read-out, minimum): "
                                   + ", ".join(f"{k} {got:.3f} < {need}" for k, (got, need) in short.items()))
-        sampler = ExampleSampler(scenes, PromptEncoder(processor), config)
-        loss = instruction_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config, progress)
+        stalls: list[dict[str, float]] = []
+        while True:
+            sampler = ExampleSampler(scenes, PromptEncoder(processor), config)
+            try:
+                loss = instruction_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config,
+                                        progress)
+                break
+            except DecoderStalled as exc:
+                stalls.append(exc.losses)
+                if len(stalls) > config.max_decoder_restarts:
+                    raise
+                log.warning("%s: projector and decoder start again (restart %d of %d)", exc, len(stalls),
+                            config.max_decoder_restarts)
+                model = reinitialise_decoder(model, config.seed + DECODER_RESTART_SEED_STEP * len(stalls))
         t2 = time.perf_counter()
     finally:
         torch.set_num_threads(previous_threads)
@@ -699,7 +814,8 @@ def train_world_vlm(
         vision_loss=vision.loss,
         vision_readout=vision.readout,
         loss=loss,
-        steps=config.steps,
+        steps=config.steps + config.stall_check_step * len(stalls),
+        decoder_restarts=stalls,
         vision_seconds=t1 - t0,
         tuning_seconds=t2 - t1,
         environment=build_environment(config),
