@@ -11,20 +11,24 @@ from svp.cli import app
 from svp.evaluation.generation import question_inputs
 from svp.evaluation.suite import EvalOptions, evaluate_coco, evaluate_world
 from svp.models.loading import load_vlm
-from svp.prompts import build_messages
+from svp.prompts import PAPER_PROMPTS, build_messages
 from svp.world.build import WORLD_VERSION, ensure_world
 from svp.world.model import (
     IGNORE_INDEX,
+    DecoderStalled,
     ExampleSampler,
     PromptEncoder,
     WorldModelConfig,
     answer_loss,
+    attribute_losses,
     cell_targets,
     kinds_present,
     obscure_shapes,
     pixel_tensor,
     prefix_length,
     question_messages,
+    reinitialise_decoder,
+    train_world_vlm,
     training_grounding,
     vision_in_float32,
 )
@@ -84,6 +88,11 @@ def test_a_build_that_fails_the_gate_is_retried_with_the_next_seed_then_refused(
         ensure_world(tmp_path, scale=impossible, progress=False)
     assert "seed 0 (vision)" in str(failed.value) and "seed 1 (vision)" in str(failed.value)
     assert "shape" in str(failed.value)
+    # a decoder still blind to the image after its restarts fails its seed too
+    blind = dataclasses.replace(spec, attempts=1, model=dataclasses.replace(
+        spec.model, stall_check_step=5, stall_loss_ratio=0.01, max_decoder_restarts=1))
+    with pytest.raises(WorldGateError, match=r"seed 0 \(decoder\): decoder still blind"):
+        ensure_world(tmp_path, scale=blind, progress=False)
     assert not (tmp_path / f"{WORLD_VERSION}-ci" / "build.json").exists()  # nothing is cached
 
 
@@ -158,6 +167,76 @@ def test_shared_prefix_loss_equals_plain_forward(vlm):
     g_shared = torch.autograd.grad(answer_loss(model, examples, pixels, vlm.pad_token_id, vlm.image_token_id)[0]
                                    / weight_sum, weight)[0]
     assert torch.allclose(g_plain, g_shared, atol=1e-6, rtol=1e-4)
+
+
+def test_early_stage_two_draws_simple_scenes_and_asks_some_captions_without_system_prompt(vlm):
+    scenes = generate_scenes("train", 200)
+    encoder = PromptEncoder(vlm.processor)
+    config = dataclasses.replace(WorldModelConfig.ci(), obscured_boxed_ratio=0.0, simple_scene_steps=100,
+                                 simple_scene_objects=2, bare_caption_share=0.5,
+                                 task_weights=(("base", 0.5), ("grounded", 0.3), ("reg", 0.2)))
+    sampler = ExampleSampler(scenes, encoder, config)
+    system_prompted = encoder.prompt_ids(build_messages("base"))
+    bare = encoder.prompt_ids(question_messages(PAPER_PROMPTS.base))
+
+    def draw(step: int, n: int = 300) -> list:
+        sampler.step = step
+        return [sampler.sample() for _ in range(n)]
+
+    early = draw(99)
+    assert max(len(scenes[e.image].objects) for e in early) <= 2
+    base_prompts = [e.prompt for e in early if e.prompt in (system_prompted, bare)]
+    assert 0.35 < sum(p == bare for p in base_prompts) / len(base_prompts) < 0.65
+    assert prefix_length(bare, vlm.image_token_id) < prefix_length(system_prompted, vlm.image_token_id) / 10
+    assert max(len(scenes[e.image].objects) for e in draw(100)) > 2  # then every scene
+
+
+def test_attribute_losses_match_an_independent_teacher_forced_pass(vlm):
+    import math
+
+    from svp.world.language import canonical_caption
+    from svp.world.model import ATTRIBUTE_WORDS
+
+    scenes = generate_scenes("train", 3, start=500)
+    got = attribute_losses(vlm.model, PromptEncoder(vlm.processor), scenes)
+    tok = vlm.tokenizer
+    expected: dict[str, list[float]] = {"shape": [], "colour": []}
+    for scene in scenes:
+        inputs = vlm.prompt_inputs(scene.render(), "base")  # the inference path's tokens and pixels
+        words = canonical_caption(scene.objects).replace(".", " .").replace(",", " ,").split()
+        answer = [tok.convert_tokens_to_ids(w) for w in words] + [tok.eos_token_id]
+        ids = torch.tensor([inputs.input_ids.tolist() + answer])
+        with torch.no_grad():
+            logp = torch.log_softmax(vlm.model(input_ids=ids, **inputs.vision).logits[0].double(), -1)
+        for k, word in enumerate(words):
+            for name, vocabulary in ATTRIBUTE_WORDS.items():
+                if word in vocabulary:
+                    at = len(inputs.input_ids) + k - 1  # the position that predicts word k
+                    ids_of_class = [tok.convert_tokens_to_ids(w) for w in vocabulary]
+                    expected[name].append(-(float(logp[at, answer[k]]) - math.log(sum(
+                        math.exp(float(logp[at, i])) for i in ids_of_class))))
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name] == pytest.approx(sum(expected[name]) / len(expected[name]), rel=1e-4)
+
+
+def test_a_decoder_that_stalls_restarts_on_the_same_tower_then_gives_up(tmp_path):
+    strict = dataclasses.replace(WorldModelConfig.ci(), stall_check_step=5, stall_loss_ratio=0.01,
+                                 max_decoder_restarts=1)
+    with pytest.raises(DecoderStalled, match="blind to the image"):
+        train_world_vlm(tmp_path / "strict", strict, progress=False)
+    lenient = dataclasses.replace(strict, stall_loss_ratio=10.0)
+    report = train_world_vlm(tmp_path / "lenient", lenient, progress=False)
+    assert report.decoder_restarts == [] and report.steps == lenient.steps
+    model = load_vlm(tmp_path / "lenient").model
+    fresh = reinitialise_decoder(model, seed=1000)
+    tower, fresh_tower = model.model.vision_tower.state_dict(), fresh.model.vision_tower.state_dict()
+    assert all(torch.equal(tower[k], fresh_tower[k]) for k in tower)
+    decoder = model.model.language_model.state_dict()
+    assert not torch.equal(decoder["layers.0.self_attn.q_proj.weight"],
+                           fresh.model.language_model.state_dict()["layers.0.self_attn.q_proj.weight"])
+    again = reinitialise_decoder(model, seed=1000)  # a restart is a function of its seed
+    assert torch.equal(again.model.multi_modal_projector.linear_1.weight, fresh.model.multi_modal_projector.linear_1.weight)
 
 
 def test_training_groundings_are_true():
