@@ -146,8 +146,9 @@ class WorldModelConfig:
     as LLaVA's instruction data asks for descriptions. Behind the ~75-word Appendix F system prompt
     the 10 image tokens are a twentieth of what a caption token can attend to; in a bare turn they
     are a third, and a randomly initialised decoder finds the image there first. Without them,
-    whether and when the decoder started to read the image was a matter of seed: seeds 3 and 4 of
-    v4 named shapes and colours at chance for all of stage 2 (see ``stall_check_step``)."""
+    whether and when the decoder started to read the image was a matter of seed: v4's seed 3
+    (float32) still named shapes and colours at chance at step 400, and seeds 3 and 4 failed the gate
+    (see ``stall_check_step``)."""
     simple_scene_steps: int = 200
     simple_scene_objects: int = 2
     """For the first ``simple_scene_steps`` steps, captions and region questions are drawn from scenes
