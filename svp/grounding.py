@@ -20,6 +20,13 @@ log = logging.getLogger(__name__)
 # Context lines are ordered in three horizontal bands, like the top/middle/bottom of a caption.
 READING_BANDS = 3
 
+# The original GroundingDINO repository's defaults (its demo and `predict`): transformers'
+# post-processing defaults its box threshold to 0.25 instead, which keeps many more boxes.
+BOX_THRESHOLD = 0.35
+"""Keep a box when its best token probability exceeds this."""
+NMS_IOU = 0.5
+"""Class-agnostic NMS: of boxes overlapping above this IoU, the best is kept."""
+
 # Words that start a noun phrase in descriptive captions.
 _DETERMINERS = frozenset(
     "a an the one two three four five six seven eight nine ten several some many multiple "

@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from svp.contract import PhraseExtractor
+from svp.grounding import BOX_THRESHOLD, NMS_IOU
 from svp.service import ServiceSettings
 
 GrounderBackend = Literal["groundingdino", "shapesworld"]
@@ -25,16 +26,14 @@ class Settings(ServiceSettings):
         description="GroundingDINO checkpoint: Hugging Face id or local directory (groundingdino backend).",
     )
     device: str = Field(default="cpu", description="torch device of the GroundingDINO model, e.g. 'cuda:0'.")
-    # The original GroundingDINO repository's defaults (its demo and `predict`): transformers'
-    # post-processing defaults its box threshold to 0.25 instead, which keeps many more boxes.
     box_threshold: float = Field(
-        default=0.35, ge=0.0, le=1.0, description="Keep a box when its best token probability exceeds this."
+        default=BOX_THRESHOLD, ge=0.0, le=1.0, description="Keep a box when its best token probability exceeds this."
     )
     text_threshold: float = Field(
         default=0.25, ge=0.0, le=1.0, description="A phrase matches a box when one of its tokens exceeds this."
     )
     nms_iou: float = Field(
-        default=0.5, ge=0.0, le=1.0, description="Class-agnostic NMS: boxes overlapping above this IoU keep the best."
+        default=NMS_IOU, ge=0.0, le=1.0, description="Class-agnostic NMS: boxes overlapping above this IoU keep the best."
     )
     max_caption_chars: int = Field(default=2000, ge=1, le=4000, description="Longer captions are refused (400).")
     max_batch_size: int = Field(default=8, ge=1, le=64, description="Items per forward pass.")

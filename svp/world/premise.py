@@ -15,17 +15,13 @@ from collections import Counter
 
 from svp.evaluation.metrics import object_scores
 from svp.evaluation.suite import EvalOptions, caption_images
-from svp.grounding import extract_phrases, nms, render_context
+from svp.grounding import BOX_THRESHOLD, NMS_IOU, extract_phrases, nms, render_context
 from svp.models.loading import LoadedVLM
 from svp.world.detector import ShapesDetector
 from svp.world.language import mentioned_objects
 from svp.world.scenes import generate_scenes
 
 log = logging.getLogger(__name__)
-
-NMS_IOU = 0.5
-BOX_THRESHOLD = 0.35  # the grounder service's default
-
 
 def premise_check(
     vlm: LoadedVLM, split: str = "test", n_scenes: int = 100, k: int = 4, temperature: float = 1.0, seed: int = 0,
