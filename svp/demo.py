@@ -13,14 +13,16 @@ import secrets
 import signal
 import time
 from pathlib import Path
+from typing import get_args
 
 import typer
 from tqdm import tqdm
 
 from svp.client import GatewayClient
-from svp.contract import TERMINAL_STATES, ImageResult, RunCreate, RunPublic
+from svp.contract import TERMINAL_STATES, ImageResult, RunCreate, RunPublic, ScoreName
 from svp.evaluation.intervals import Interval, intervals_table, object_intervals, scene_counts
 from svp.stack import LocalStack, StackSpec, require_prerequisites
+from svp.world.round_objects import round_object_metrics, round_objects_table
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +198,7 @@ def demo_command(
     images: int = typer.Option(DEMO_IMAGES, min=1, help="Unlabelled images adapted on."),
     k: int = typer.Option(DEMO_K, min=1, help="Samples per image (K)."),
     top_ratio: float = typer.Option(DEMO_TOP_RATIO, help="Fraction of each image's samples kept."),
+    score: str = typer.Option("S", help="Selection score: 'S' (KL) or 'delta' (entropy difference)."),
     max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="Token limit of each sample."),
     test_scenes: int = typer.Option(DEMO_TEST_SCENES, min=1, help="Held-out test scenes evaluated."),
     eval_tasks: str = typer.Option("caption,pope,count", help="svp.evaluation world tasks, comma-separated."),
@@ -209,6 +212,8 @@ def demo_command(
     try:
         require_prerequisites()  # before a 20-minute world build, not after it
         spec = scale_spec(scale, seed, precision)
+        if score not in get_args(ScoreName):
+            raise ValueError(f"unknown score {score!r}; known: {', '.join(get_args(ScoreName))}")
     except (RuntimeError, ValueError) as exc:
         raise typer.Exit(_fail(str(exc))) from exc
 
@@ -237,7 +242,8 @@ def demo_command(
             for name, switches in variants.items():
                 t0 = time.perf_counter()
                 run = client.create_run(RunCreate(
-                    images=manifest.name, k=k, top_ratio=top_ratio, preset="tiny", max_new_tokens=max_new_tokens,
+                    images=manifest.name, k=k, top_ratio=top_ratio, score=score, preset="tiny",  # type: ignore[arg-type]
+                    max_new_tokens=max_new_tokens,
                     **switches,  # type: ignore[arg-type]
                 ))
                 typer.echo(f"{name}: run {run.id} over {len(unlabelled)} images, K={k}")
@@ -253,10 +259,14 @@ def demo_command(
     intervals = _object_intervals(captions, test_scenes)
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
-    report = write_demo_report(artifact_root, results, intervals, test_scenes, runs, timings, world.build)
+    records = round_records(artifact_root, runs["SVP"])
+    samples = round_object_metrics(records)
+    report = write_demo_report(artifact_root, results, intervals, test_scenes, runs, records, samples, timings,
+                               world.build)
     typer.echo("\n" + base_model_section(world.build))
     typer.echo("\n" + comparison_table(results))
     typer.echo("\n" + intervals_table(intervals, test_scenes) + "\n" + verdict(intervals))
+    typer.echo("\n" + round_objects_table(samples))
     typer.echo(f"\n{_timing_line(timings)}\nreport: {report}")
 
 
@@ -347,8 +357,15 @@ def _timing_line(timings: dict[str, float]) -> str:
     return "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
 
 
+def round_records(artifact_root: Path, run: RunPublic) -> list[ImageResult]:
+    """The per-image results of a run's first round, as the gateway stored them."""
+    candidates_file = artifact_root / "runs" / run.id / "round-1" / "candidates.jsonl"
+    return [ImageResult.model_validate_json(line) for line in candidates_file.read_text().splitlines()]
+
+
 def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str, float]]],
                       intervals: dict[str, dict[str, Interval]], test_scenes: int, runs: dict[str, RunPublic],
+                      records: list[ImageResult], samples: dict[str, dict[str, float]],
                       timings: dict[str, float], world_build: dict[str, object]) -> Path:
     """``results.json``, ``objects.png`` (recall and hallucination with their intervals), ``metrics.png``
     (headline metrics per model), ``scores.png`` (score histogram of all vs selected candidates) and
@@ -367,7 +384,7 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
     (out / "results.json").write_text(json.dumps({
         "results": results, "test_scenes": test_scenes,
         "intervals": {name: {m: dataclasses.asdict(i) for m, i in metrics.items()} for name, metrics in intervals.items()},
-        "timings": timings, "world": world_build,
+        "round_samples": samples, "timings": timings, "world": world_build,
         "runs": {n: r.model_dump(mode="json") for n, r in runs.items()},
     }, indent=1))
 
@@ -396,8 +413,6 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
     fig.savefig(out / "objects.png", dpi=120)
     plt.close(fig)
 
-    candidates_file = artifact_root / "runs" / svp_run.id / "round-1" / "candidates.jsonl"
-    records = [ImageResult.model_validate_json(line) for line in candidates_file.read_text().splitlines()]
     every: list[float] = [c.score for r in records for c in r.candidates if c.score is not None]
     chosen: list[float] = [s for r in records for s in (r.candidates[i].score for i in r.selected) if s is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -415,7 +430,8 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
         f"One round over {svp_run.rounds[0].images_total} unlabelled images, K={c.k}, top ratio {c.top_ratio}, "
         f"score {c.score}, preset {c.preset}, max_new_tokens {c.max_new_tokens}.", "",
         "```", comparison_table(results), "", intervals_table(intervals, test_scenes), "```", "",
-        verdict(intervals), "", "```", base_model_section(world_build), "```", "", _timing_line(timings), "",
+        verdict(intervals), "", "```", round_objects_table(samples), "", base_model_section(world_build), "```", "",
+        _timing_line(timings), "",
         "![objects](objects.png)", "", "![metrics](metrics.png)", "", "![scores](scores.png)", "",
     ]
     (out / "report.md").write_text("\n".join(lines))

@@ -40,6 +40,11 @@ def test_demo_runs_one_round_and_reports_base_vs_svp(tmp_path: Path) -> None:
     delta = results["intervals"]["SVP - base"]["object_recall"]
     assert delta["low"] <= delta["value"] <= delta["high"]
     assert "passed its gate" in (report_dir / "report.md").read_text()
+    # and how accurate the round's own samples were: 8 images x K=2 priors and grounded samples
+    samples = results["round_samples"]
+    assert samples["prior samples"]["samples"] == samples["grounded samples"]["samples"] == 16
+    assert samples["selected"]["samples"] + samples["not selected"]["samples"] == 16
+    assert "object metrics of the round's own samples" in done.stdout
 
 
 def test_demo_without_redis_server_says_so_before_building_anything(tmp_path: Path) -> None:
