@@ -199,13 +199,14 @@ def demo_command(
     k: int = typer.Option(DEMO_K, min=1, help="Samples per image (K)."),
     top_ratio: float = typer.Option(DEMO_TOP_RATIO, help="Fraction of each image's samples kept."),
     score: str = typer.Option("S", help="Selection score: 'S' (KL) or 'delta' (entropy difference)."),
+    rounds: int = typer.Option(1, min=1, max=3, help="SVP rounds (I <= 3); each samples from the last one's adapter."),
     max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="Token limit of each sample."),
     test_scenes: int = typer.Option(DEMO_TEST_SCENES, min=1, help="Held-out test scenes evaluated."),
     eval_tasks: str = typer.Option("caption,pope,count", help="svp.evaluation world tasks, comma-separated."),
     ablations: bool = typer.Option(False, help="Also run the paper's Table 6 rows (no feedback; no scoring)."),
     workers: int = typer.Option(4, min=1, help="Images in flight (the services batch their concurrent requests)."),
 ) -> None:
-    """One SVP round on ShapesWorld through the real REST API, then base vs adapted on held-out scenes."""
+    """SVP rounds on ShapesWorld through the real REST API, then base vs adapted on held-out scenes."""
     _quiet_http_logs()
     from svp.world.build import ensure_world, scale_spec
 
@@ -242,7 +243,8 @@ def demo_command(
             for name, switches in variants.items():
                 t0 = time.perf_counter()
                 run = client.create_run(RunCreate(
-                    images=manifest.name, k=k, top_ratio=top_ratio, score=score, preset="tiny",  # type: ignore[arg-type]
+                    images=manifest.name, k=k, top_ratio=top_ratio, score=score, iterations=rounds,  # type: ignore[arg-type]
+                    preset="tiny",
                     max_new_tokens=max_new_tokens,
                     **switches,  # type: ignore[arg-type]
                 ))
@@ -259,14 +261,14 @@ def demo_command(
     intervals = _object_intervals(captions, test_scenes)
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
-    records = round_records(artifact_root, runs["SVP"])
-    samples = round_object_metrics(records)
+    records = {r.round: round_records(artifact_root, runs["SVP"], r.round) for r in runs["SVP"].rounds}
+    samples = {r: round_object_metrics(rs) for r, rs in records.items()}
     report = write_demo_report(artifact_root, results, intervals, test_scenes, runs, records, samples, timings,
                                world.build)
     typer.echo("\n" + base_model_section(world.build))
     typer.echo("\n" + comparison_table(results))
     typer.echo("\n" + intervals_table(intervals, test_scenes) + "\n" + verdict(intervals))
-    typer.echo("\n" + round_objects_table(samples))
+    typer.echo("".join("\n" + round_objects_table(metrics, r) for r, metrics in samples.items()))
     typer.echo(f"\n{_timing_line(timings)}\nreport: {report}")
 
 
@@ -357,18 +359,18 @@ def _timing_line(timings: dict[str, float]) -> str:
     return "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
 
 
-def round_records(artifact_root: Path, run: RunPublic) -> list[ImageResult]:
-    """The per-image results of a run's first round, as the gateway stored them."""
-    candidates_file = artifact_root / "runs" / run.id / "round-1" / "candidates.jsonl"
+def round_records(artifact_root: Path, run: RunPublic, round_number: int) -> list[ImageResult]:
+    """The per-image results of one round of a run, as the gateway stored them."""
+    candidates_file = artifact_root / "runs" / run.id / f"round-{round_number}" / "candidates.jsonl"
     return [ImageResult.model_validate_json(line) for line in candidates_file.read_text().splitlines()]
 
 
 def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str, float]]],
                       intervals: dict[str, dict[str, Interval]], test_scenes: int, runs: dict[str, RunPublic],
-                      records: list[ImageResult], samples: dict[str, dict[str, float]],
+                      records: dict[int, list[ImageResult]], samples: dict[int, dict[str, dict[str, float]]],
                       timings: dict[str, float], world_build: dict[str, object]) -> Path:
     """``results.json``, ``objects.png`` (recall and hallucination with their intervals), ``metrics.png``
-    (headline metrics per model), ``scores.png`` (score histogram of all vs selected candidates) and
+    (headline metrics per model), ``scores.png`` (score histogram of all vs selected candidates, per round) and
     ``report.md`` under ``<artifact_root>/demo/<SVP run id>/``."""
     import json
 
@@ -413,13 +415,15 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
     fig.savefig(out / "objects.png", dpi=120)
     plt.close(fig)
 
-    every: list[float] = [c.score for r in records for c in r.candidates if c.score is not None]
-    chosen: list[float] = [s for r in records for s in (r.candidates[i].score for i in r.selected) if s is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist([every, chosen], bins=30, label=["all grounded samples", "selected"])
-    ax.set_xlabel(f"{svp_run.config.score} score")
-    ax.set_ylabel("samples")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(records), figsize=(6 * len(records), 4), squeeze=False)
+    for ax, (round_number, round_images) in zip(axes[0], records.items(), strict=True):
+        every = [c.score for r in round_images for c in r.candidates if c.score is not None]
+        chosen = [s for r in round_images for s in (r.candidates[i].score for i in r.selected) if s is not None]
+        ax.hist([every, chosen], bins=30, label=["all grounded samples", "selected"])
+        ax.set_title(f"round {round_number}")
+        ax.set_xlabel(f"{svp_run.config.score} score")
+        ax.set_ylabel("samples")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "scores.png", dpi=120)
     plt.close(fig)
@@ -427,10 +431,12 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
     c = svp_run.config
     lines = [
         f"# SVP demo on ShapesWorld (run {svp_run.id})", "",
-        f"One round over {svp_run.rounds[0].images_total} unlabelled images, K={c.k}, top ratio {c.top_ratio}, "
+        f"{len(svp_run.rounds)} round(s) over {svp_run.rounds[0].images_total} unlabelled images, K={c.k}, "
+        f"top ratio {c.top_ratio}, "
         f"score {c.score}, preset {c.preset}, max_new_tokens {c.max_new_tokens}.", "",
         "```", comparison_table(results), "", intervals_table(intervals, test_scenes), "```", "",
-        verdict(intervals), "", "```", round_objects_table(samples), "", base_model_section(world_build), "```", "",
+        verdict(intervals), "", "```", *(round_objects_table(m, r) + "\n" for r, m in samples.items()),
+        base_model_section(world_build), "```", "",
         _timing_line(timings), "",
         "![objects](objects.png)", "", "![metrics](metrics.png)", "", "![scores](scores.png)", "",
     ]

@@ -60,11 +60,11 @@ def round_object_metrics(records: Sequence[ImageResult]) -> dict[str, dict[str, 
     return out
 
 
-def round_objects_table(metrics: dict[str, dict[str, float]]) -> str:
-    """One row per group of samples."""
+def round_objects_table(metrics: dict[str, dict[str, float]], round_number: int) -> str:
+    """One row per group of samples of round ``round_number``."""
     width = max(len(g) for g in metrics)
     head = f"{'samples of the round':<{width}}{'n':>8}" + "".join(f"{m:>22}" for m in METRICS)
-    lines = ["object metrics of the round's own samples (its unlabelled images' ground truth)", head, "-" * len(head)]
+    lines = [f"object metrics of round {round_number}'s own samples (its unlabelled images' ground truth)", head, "-" * len(head)]
     for name, row in metrics.items():
         lines.append(f"{name:<{width}}{int(row['samples']):>8}" + "".join(f"{row[m]:>22.3f}" for m in METRICS))
     return "\n".join(lines)

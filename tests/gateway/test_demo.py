@@ -1,5 +1,5 @@
-"""``svp demo`` end to end on the seconds-scale ShapesWorld build: the stack starts, one round runs
-through the REST API, base and adapted models are evaluated, and the report, plots and table appear."""
+"""``svp demo`` end to end on the seconds-scale ShapesWorld build: the stack starts, two rounds run
+through the REST API (the second samples from the first's adapter), base and adapted models are evaluated, and the report, plots and table appear."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from svp.stack import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_one_round_and_reports_base_vs_svp(tmp_path: Path) -> None:
+def test_demo_runs_two_rounds_and_reports_base_vs_svp(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "svp.cli", "demo", "--scale", "ci", "--world-root", str(tmp_path / "world"),
-         "--work-dir", str(work), "--images", "8", "--test-scenes", "8", "--k", "2", "--max-new-tokens", "32"],
+         "--work-dir", str(work), "--images", "8", "--test-scenes", "8", "--k", "2", "--max-new-tokens", "32", "--rounds", "2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -33,18 +33,20 @@ def test_demo_runs_one_round_and_reports_base_vs_svp(tmp_path: Path) -> None:
     assert set(results["results"]) == {"base", "SVP"}
     assert set(results["results"]["base"]) == set(results["results"]["SVP"]) >= {"captioning", "objects", "counting"}
     run = results["runs"]["SVP"]
-    assert run["state"] == "succeeded" and run["rounds"][0]["images_done"] == 8
-    assert run["rounds"][0]["adapter"] == f"run-{run['id']}-r1"
+    assert run["state"] == "succeeded" and [r["images_done"] for r in run["rounds"]] == [8, 8]
+    assert [r["adapter"] for r in run["rounds"]] == [f"run-{run['id']}-r1", f"run-{run['id']}-r2"]
     assert {"stack_start_s", "run_s[SVP]", "eval_s", "total_s"} <= set(results["timings"])
     # the object metrics come with intervals, and the report says what the base model's gate was
     delta = results["intervals"]["SVP - base"]["object_recall"]
     assert delta["low"] <= delta["value"] <= delta["high"]
     assert "passed its gate" in (report_dir / "report.md").read_text()
-    # and how accurate the round's own samples were: 8 images x K=2 priors and grounded samples
-    samples = results["round_samples"]
-    assert samples["prior samples"]["samples"] == samples["grounded samples"]["samples"] == 16
-    assert samples["selected"]["samples"] + samples["not selected"]["samples"] == 16
-    assert "object metrics of the round's own samples" in done.stdout
+    # and how accurate each round's own samples were: 8 images x K=2 priors and grounded samples
+    assert set(results["round_samples"]) == {"1", "2"}
+    for samples in results["round_samples"].values():
+        assert samples["prior samples"]["samples"] == samples["grounded samples"]["samples"] == 16
+        assert samples["selected"]["samples"] + samples["not selected"]["samples"] == 16
+    assert "object metrics of round 1's own samples" in done.stdout
+    assert "object metrics of round 2's own samples" in done.stdout
 
 
 def test_demo_without_redis_server_says_so_before_building_anything(tmp_path: Path) -> None:

@@ -54,5 +54,5 @@ def test_round_object_metrics_counts_each_group_of_samples() -> None:
     assert m["not selected"]["object_recall"] == pytest.approx(1 / 2)
     assert m["not selected"]["hallucination_rate"] == pytest.approx(1 / 2)
     assert (m["selected"]["samples"], m["not selected"]["samples"]) == (2, 1)
-    table = round_objects_table(m)
-    assert "not selected" in table and "0.250" in table
+    table = round_objects_table(m, 2)
+    assert "round 2's own samples" in table and "not selected" in table and "0.250" in table
