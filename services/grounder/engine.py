@@ -48,5 +48,5 @@ def create_engine(settings: Settings) -> GroundingEngine:
     if settings.backend == "shapesworld":
         from services.grounder.shapesworld import ShapesWorldEngine
 
-        return ShapesWorldEngine()
+        return ShapesWorldEngine(settings.shapes_partial_matches)
     raise ValueError(f"unknown grounder backend {settings.backend!r}")

@@ -35,6 +35,12 @@ class Settings(ServiceSettings):
     nms_iou: float = Field(
         default=NMS_IOU, ge=0.0, le=1.0, description="Class-agnostic NMS: boxes overlapping above this IoU keep the best."
     )
+    shapes_partial_matches: bool = Field(
+        default=True,
+        description="shapesworld backend: a phrase that matches no object fully gets its best partial match, "
+                    "labelled with the phrase's words that match, at half the score, as GroundingDINO boxes "
+                    "a near miss; false: the strict detector, no box at all (svp.world.detector).",
+    )
     max_caption_chars: int = Field(default=2000, ge=1, le=4000, description="Longer captions are refused (400).")
     max_batch_size: int = Field(default=8, ge=1, le=64, description="Items per forward pass.")
     phrase_extractor: PhraseExtractor = Field(

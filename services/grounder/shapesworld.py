@@ -19,10 +19,10 @@ class ShapesWorldEngine(GroundingEngine):
 
     name = "shapesworld"
 
-    def __init__(self) -> None:
+    def __init__(self, partial_matches: bool = True) -> None:
         from svp.world.detector import ShapesDetector  # the world package is only needed by this backend
 
-        self.detector = ShapesDetector()
+        self.detector = ShapesDetector(partial_matches=partial_matches)
 
     def detect(
         self,

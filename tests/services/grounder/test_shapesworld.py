@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from services.grounder.engine import create_engine
+from services.grounder.settings import Settings
 from svp.client import GrounderClient
 from svp.contract import GroundingItem, GroundingRequest, ImageInput
 from svp.world.language import reference_captions
@@ -91,3 +93,18 @@ def test_score_threshold_applies(shapes_client: GrounderClient) -> None:
     assert boxes(1.0) == [[] for _ in items]
     for threshold in sorted({score for item in everything for _, _, score in item})[:3]:
         assert boxes(threshold) == [[b for b in item if b[2] > threshold] for item in everything]
+
+
+def test_strict_setting_gives_a_wrong_phrase_no_box() -> None:
+    """SVP_GROUNDER_SHAPES_PARTIAL_MATCHES=false: a phrase with the wrong shape gets nothing, where
+    the default boxes its best partial match (same size and colour, same place)."""
+    scene = SCENES[0]
+    obj = scene.objects[0]
+    wrong_shape = next(s for s in SHAPES if s != obj.shape)
+    phrase = f"{obj.size} {obj.colour} {wrong_shape}"
+    image, threshold = scene.render(), 0.2
+    default = create_engine(Settings(backend="shapesworld")).detect([image], [[phrase]], threshold, 0.25)[0]
+    strict = create_engine(Settings(backend="shapesworld", shapes_partial_matches=False)).detect(
+        [image], [[phrase]], threshold, 0.25)[0]
+    assert [b.label for b in default] == [f"{obj.size} {obj.colour}"] and iou(default[0].xyxy, obj.box) >= 0.9
+    assert strict == []
