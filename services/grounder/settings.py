@@ -41,7 +41,7 @@ class Settings(ServiceSettings):
                     "labelled with the phrase's words that match, at half the score, as GroundingDINO boxes "
                     "a near miss; false: the strict detector, no box at all (svp.world.detector).",
     )
-    max_caption_chars: int = Field(default=2000, ge=1, le=4000, description="Longer captions are refused (400).")
+    max_caption_chars: int = Field(default=2000, ge=1, le=4000, description="Longer captions are refused (422).")
     max_batch_size: int = Field(default=8, ge=1, le=64, description="Items per forward pass.")
     phrase_extractor: PhraseExtractor = Field(
         default="rules",
