@@ -23,6 +23,7 @@ from svp.world.model import (
     attribute_losses,
     cell_targets,
     kinds_present,
+    lr_factor,
     obscure_shapes,
     pixel_tensor,
     prefix_length,
@@ -369,3 +370,12 @@ def test_real_data_path_scores_a_coco_reference_file(world, vlm):
                                    instances_file=test_dir / "instances_coco.json", options=FAST)
     assert set(results) == {"captioning", "objects"} and len(texts["caption"]) == 2
     assert 0.0 <= results["objects"]["hallucination_rate"] <= 1.0
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_down_to_its_floor():
+    assert [lr_factor(0.0, step, warmup_steps=4) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(0.0, 4, warmup_steps=4) == 1.0
+    assert lr_factor(0.5, 100, warmup_steps=4, floor=0.0) == pytest.approx(0.5)
+    assert lr_factor(0.5, 100, warmup_steps=4, floor=0.1) == pytest.approx(0.55)
+    assert lr_factor(1.0, 200, warmup_steps=4, floor=0.0) == pytest.approx(0.0)
+    assert lr_factor(1.0, 200, warmup_steps=4) == pytest.approx(0.1)  # stage 1's floor
