@@ -22,7 +22,7 @@ from svp.client import GatewayClient
 from svp.contract import TERMINAL_STATES, ImageResult, RunCreate, RunPublic, ScoreName
 from svp.evaluation.intervals import Interval, intervals_table, object_intervals, scene_counts
 from svp.stack import LocalStack, StackSpec, require_prerequisites
-from svp.world.round_objects import round_object_metrics, round_objects_table
+from svp.world.round_objects import round_object_metrics, round_objects_table, score_hallucination_correlation
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +263,13 @@ def demo_command(
     timings["total_s"] = time.perf_counter() - started
     records = {r.round: round_records(artifact_root, runs["SVP"], r.round) for r in runs["SVP"].rounds}
     samples = {r: round_object_metrics(rs) for r, rs in records.items()}
-    report = write_demo_report(artifact_root, results, intervals, test_scenes, runs, records, samples, timings,
-                               world.build)
+    correlations = {r: score_hallucination_correlation(rs) for r, rs in records.items()}
+    report = write_demo_report(artifact_root, results, intervals, test_scenes, runs, records, samples, correlations,
+                               timings, world.build)
     typer.echo("\n" + base_model_section(world.build))
     typer.echo("\n" + comparison_table(results))
     typer.echo("\n" + intervals_table(intervals, test_scenes) + "\n" + verdict(intervals))
-    typer.echo("".join("\n" + round_objects_table(metrics, r) for r, metrics in samples.items()))
+    typer.echo("".join("\n" + round_objects_table(metrics, r, correlations[r]) for r, metrics in samples.items()))
     typer.echo(f"\n{_timing_line(timings)}\nreport: {report}")
 
 
@@ -368,7 +369,7 @@ def round_records(artifact_root: Path, run: RunPublic, round_number: int) -> lis
 def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str, float]]],
                       intervals: dict[str, dict[str, Interval]], test_scenes: int, runs: dict[str, RunPublic],
                       records: dict[int, list[ImageResult]], samples: dict[int, dict[str, dict[str, float]]],
-                      timings: dict[str, float], world_build: dict[str, object]) -> Path:
+                      correlations: dict[int, dict[str, float | None]], timings: dict[str, float], world_build: dict[str, object]) -> Path:
     """``results.json``, ``objects.png`` (recall and hallucination with their intervals), ``metrics.png``
     (headline metrics per model), ``scores.png`` (score histogram of all vs selected candidates, per round) and
     ``report.md`` under ``<artifact_root>/demo/<SVP run id>/``."""
@@ -386,7 +387,7 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
     (out / "results.json").write_text(json.dumps({
         "results": results, "test_scenes": test_scenes,
         "intervals": {name: {m: dataclasses.asdict(i) for m, i in metrics.items()} for name, metrics in intervals.items()},
-        "round_samples": samples, "timings": timings, "world": world_build,
+        "round_samples": samples, "round_score_vs_hallucination": correlations, "timings": timings, "world": world_build,
         "runs": {n: r.model_dump(mode="json") for n, r in runs.items()},
     }, indent=1))
 
@@ -435,7 +436,7 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
         f"top ratio {c.top_ratio}, "
         f"score {c.score}, preset {c.preset}, max_new_tokens {c.max_new_tokens}.", "",
         "```", comparison_table(results), "", intervals_table(intervals, test_scenes), "```", "",
-        verdict(intervals), "", "```", *(round_objects_table(m, r) + "\n" for r, m in samples.items()),
+        verdict(intervals), "", "```", *(round_objects_table(m, r, correlations[r]) + "\n" for r, m in samples.items()),
         base_model_section(world_build), "```", "",
         _timing_line(timings), "",
         "![objects](objects.png)", "", "![metrics](metrics.png)", "", "![scores](scores.png)", "",

@@ -6,7 +6,8 @@ adapted model will too, whatever the round's size. ShapesWorld can say this beca
 is a function of its split and index: the demo — the evaluator, not the pipeline, which never
 sees labels — regenerates the ground truth of the images a run went over and scores the prior
 samples, every grounded sample, and the selected and unselected ones, with the metrics of
-:mod:`svp.evaluation.metrics`.
+:mod:`svp.evaluation.metrics` — and says whether, within an image, the selection score ranks the
+samples that hallucinate more above the others.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 
 from svp.contract import ImageResult
-from svp.evaluation.metrics import object_scores
+from svp.evaluation.metrics import object_counts, object_scores
 from svp.world.language import mentioned_objects
 from svp.world.scenes import generate_scene
 
@@ -60,11 +61,41 @@ def round_object_metrics(records: Sequence[ImageResult]) -> dict[str, dict[str, 
     return out
 
 
-def round_objects_table(metrics: dict[str, dict[str, float]], round_number: int) -> str:
-    """One row per group of samples of round ``round_number``."""
+def score_hallucination_correlation(records: Sequence[ImageResult]) -> dict[str, float | None]:
+    """Within each image, the Spearman rank correlation between its grounded samples' selection scores
+    and their hallucinated mentions; ``spearman`` is its mean over the ``images`` whose scored samples
+    differ in both (None if none). Selection is per image, so this is the ranking it acts on: above 0,
+    the score keeps the samples that hallucinate more."""
+    from scipy.stats import spearmanr
+
+    correlations = []
+    for record in records:
+        scored = [c for c in record.candidates if c.score is not None] if record.status == "done" else []
+        if len(scored) < 2:
+            continue
+        truth = scene_truth(record.image)
+        hallucinated = [mentions - matched for _, mentions, matched in
+                        (object_counts(c.text, truth, mentioned_objects) for c in scored)]
+        scores = [float(c.score) for c in scored if c.score is not None]
+        if len(set(scores)) > 1 and len(set(hallucinated)) > 1:
+            correlations.append(float(spearmanr(scores, hallucinated).statistic))
+    return {"spearman": sum(correlations) / len(correlations) if correlations else None,
+            "images": len(correlations)}
+
+
+def round_objects_table(metrics: dict[str, dict[str, float]], round_number: int,
+                        score_correlation: dict[str, float | None] | None = None) -> str:
+    """One row per group of samples of round ``round_number``, then (given) the line of
+    :func:`score_hallucination_correlation`."""
     width = max(len(g) for g in metrics)
     head = f"{'samples of the round':<{width}}{'n':>8}" + "".join(f"{m:>22}" for m in METRICS)
     lines = [f"object metrics of round {round_number}'s own samples (its unlabelled images' ground truth)", head, "-" * len(head)]
     for name, row in metrics.items():
         lines.append(f"{name:<{width}}{int(row['samples']):>8}" + "".join(f"{row[m]:>22.3f}" for m in METRICS))
+    if score_correlation is not None:
+        rho = score_correlation["spearman"]
+        lines.append("within an image, selection score vs hallucinated mentions: Spearman "
+                     + ("n/a (no image's samples differ in both)" if rho is None else
+                        f"{rho:+.3f} (mean over {score_correlation['images']} images; above 0, the score keeps the "
+                        "samples that hallucinate more)"))
     return "\n".join(lines)

@@ -47,6 +47,9 @@ def test_demo_runs_two_rounds_and_reports_base_vs_svp(tmp_path: Path) -> None:
         assert samples["selected"]["samples"] + samples["not selected"]["samples"] == 16
     assert "object metrics of round 1's own samples" in done.stdout
     assert "object metrics of round 2's own samples" in done.stdout
+    # and whether, within an image, the score ranked the samples that hallucinate more first
+    assert set(results["round_score_vs_hallucination"]) == {"1", "2"}
+    assert done.stdout.count("selection score vs hallucinated mentions: Spearman") == 2
 
 
 def test_demo_without_redis_server_says_so_before_building_anything(tmp_path: Path) -> None:
