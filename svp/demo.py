@@ -75,6 +75,7 @@ def run_command(
     iterations: int = typer.Option(1, help="SVP rounds (I <= 3)."),
     preset: str = typer.Option("llava-1.6-7b", help="Trainer preset (Table 11; 'tiny' for CPU models)."),
     max_new_tokens: int = typer.Option(128, help="Token limit of each sample."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of the prior and grounded samples."),
     grounding: bool = typer.Option(True, help="--no-grounding: self-captioning ablation (needs --no-scoring)."),
     scoring: bool = typer.Option(True, help="--no-scoring: random selection among the candidates."),
     seed: int = typer.Option(0),
@@ -83,7 +84,8 @@ def run_command(
     """Submit an SVP run to a gateway and follow it."""
     _quiet_http_logs()
     request = RunCreate(images=images, k=k, top_ratio=top_ratio, score=score, iterations=iterations,  # type: ignore[arg-type]
-                        preset=preset, max_new_tokens=max_new_tokens, grounding=grounding, scoring=scoring, seed=seed)
+                        preset=preset, max_new_tokens=max_new_tokens, temperature=temperature, grounding=grounding,
+                        scoring=scoring, seed=seed)
     with GatewayClient(gateway, api_key=api_key, timeout=60) as client:
         run = client.create_run(request)
         typer.echo(f"run {run.id} created ({run.state})")
@@ -201,6 +203,7 @@ def demo_command(
     score: str = typer.Option("S", help="Selection score: 'S' (KL) or 'delta' (entropy difference)."),
     rounds: int = typer.Option(1, min=1, max=3, help="SVP rounds (I <= 3); each samples from the last one's adapter."),
     max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="Token limit of each sample."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of the prior and grounded samples."),
     test_scenes: int = typer.Option(DEMO_TEST_SCENES, min=1, help="Held-out test scenes evaluated."),
     eval_tasks: str = typer.Option("caption,pope,count", help="svp.evaluation world tasks, comma-separated."),
     ablations: bool = typer.Option(False, help="Also run the paper's Table 6 rows (no feedback; no scoring)."),
@@ -245,7 +248,7 @@ def demo_command(
                 run = client.create_run(RunCreate(
                     images=manifest.name, k=k, top_ratio=top_ratio, score=score, iterations=rounds,  # type: ignore[arg-type]
                     preset="tiny",
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=max_new_tokens, temperature=temperature,
                     **switches,  # type: ignore[arg-type]
                 ))
                 typer.echo(f"{name}: run {run.id} over {len(unlabelled)} images, K={k}")
@@ -434,7 +437,7 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
         f"# SVP demo on ShapesWorld (run {svp_run.id})", "",
         f"{len(svp_run.rounds)} round(s) over {svp_run.rounds[0].images_total} unlabelled images, K={c.k}, "
         f"top ratio {c.top_ratio}, "
-        f"score {c.score}, preset {c.preset}, max_new_tokens {c.max_new_tokens}.", "",
+        f"score {c.score}, preset {c.preset}, temperature {c.temperature}, max_new_tokens {c.max_new_tokens}.", "",
         "```", comparison_table(results), "", intervals_table(intervals, test_scenes), "```", "",
         verdict(intervals), "", "```", *(round_objects_table(m, r, correlations[r]) + "\n" for r, m in samples.items()),
         base_model_section(world_build), "```", "",

@@ -21,7 +21,8 @@ def test_demo_runs_two_rounds_and_reports_base_vs_svp(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "svp.cli", "demo", "--scale", "ci", "--world-root", str(tmp_path / "world"),
-         "--work-dir", str(work), "--images", "8", "--test-scenes", "8", "--k", "2", "--max-new-tokens", "32", "--rounds", "2"],
+         "--work-dir", str(work), "--images", "8", "--test-scenes", "8", "--k", "2", "--max-new-tokens", "32", "--rounds", "2",
+         "--temperature", "0.7"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -34,6 +35,7 @@ def test_demo_runs_two_rounds_and_reports_base_vs_svp(tmp_path: Path) -> None:
     assert set(results["results"]["base"]) == set(results["results"]["SVP"]) >= {"captioning", "objects", "counting"}
     run = results["runs"]["SVP"]
     assert run["state"] == "succeeded" and [r["images_done"] for r in run["rounds"]] == [8, 8]
+    assert run["config"]["temperature"] == 0.7
     assert [r["adapter"] for r in run["rounds"]] == [f"run-{run['id']}-r1", f"run-{run['id']}-r2"]
     assert {"stack_start_s", "run_s[SVP]", "eval_s", "total_s"} <= set(results["timings"])
     # the object metrics come with intervals, and the report says what the base model's gate was
