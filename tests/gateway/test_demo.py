@@ -35,7 +35,7 @@ def test_demo_runs_two_rounds_and_reports_base_vs_svp(tmp_path: Path) -> None:
     assert set(results["results"]["base"]) == set(results["results"]["SVP"]) >= {"captioning", "objects", "counting"}
     run = results["runs"]["SVP"]
     assert run["state"] == "succeeded" and [r["images_done"] for r in run["rounds"]] == [8, 8]
-    assert run["config"]["temperature"] == 0.7
+    assert run["config"]["temperature"] == 0.7 and run["config"]["score"] == "delta"  # the demo's default score
     assert [r["adapter"] for r in run["rounds"]] == [f"run-{run['id']}-r1", f"run-{run['id']}-r2"]
     assert {"stack_start_s", "run_s[SVP]", "eval_s", "total_s"} <= set(results["timings"])
     # the object metrics come with intervals, and the report says what the base model's gate was
