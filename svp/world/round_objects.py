@@ -70,13 +70,13 @@ def score_hallucination_correlation(records: Sequence[ImageResult]) -> dict[str,
 
     correlations = []
     for record in records:
-        scored = [c for c in record.candidates if c.score is not None] if record.status == "done" else []
-        if len(scored) < 2:
+        scored = [(c.score, c.text) for c in record.candidates if c.score is not None]
+        if record.status != "done" or len(scored) < 2:
             continue
         truth = scene_truth(record.image)
+        scores = [score for score, _ in scored]
         hallucinated = [mentions - matched for _, mentions, matched in
-                        (object_counts(c.text, truth, mentioned_objects) for c in scored)]
-        scores = [float(c.score) for c in scored if c.score is not None]
+                        (object_counts(text, truth, mentioned_objects) for _, text in scored)]
         if len(set(scores)) > 1 and len(set(hallucinated)) > 1:
             correlations.append(float(spearmanr(scores, hallucinated).statistic))
     return {"spearman": sum(correlations) / len(correlations) if correlations else None,
