@@ -21,6 +21,7 @@ from svp.world.model import (
     WorldModelConfig,
     answer_loss,
     attribute_losses,
+    bf16_emulation_warning,
     cell_targets,
     kinds_present,
     lr_factor,
@@ -331,6 +332,20 @@ def test_vision_path_stays_float32_under_bfloat16_autocast(vlm):
     assert kept.dtype == torch.float32 and torch.equal(kept, reference)
     assert rounded.dtype == torch.bfloat16  # the class's own forward is back after the block
     assert "forward" not in vars(model.model.vision_tower)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_forcing_bfloat16_warns_only_where_the_cpu_would_emulate_it(monkeypatch, native):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    forced = WorldModelConfig.ci()
+    forced = dataclasses.replace(forced, bf16=True)
+    message = bf16_emulation_warning(forced)
+    assert (message is None) == native
+    if message:
+        assert "emulated" in message and "float32" in message
+    # auto picks float32 on such a CPU, and float32 asked for is never slow: no warning either way
+    for bf16 in (None, False):
+        assert bf16_emulation_warning(dataclasses.replace(forced, bf16=bf16)) is None
 
 
 def test_evaluation_suite_and_premise_run_on_the_model(vlm):
