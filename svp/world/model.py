@@ -185,7 +185,11 @@ class WorldModelConfig:
     one attention score over cells cannot test. From V3, 800 POPE-heavy fine-tuning steps took
     balanced POPE accuracy 0.50 -> 0.57 with this token and left it at chance without. In full v4
     builds (13 % POPE examples) it is not enough: POPE stays at 0.49-0.50 (seeds 0 and 1), while
-    the held-out presence read-out of CLS is 0.988 — the decoder does not yet use it."""
+    the held-out presence read-out of CLS is 0.988 — the decoder does not yet use it. Nor is it the task
+    mix: on a seed-0 tower, stage 2 with *only* POPE examples (float32, 1744 held-out random and
+    adversarial questions) collapsed to one answer per question at this ``lr`` (0.50 from step 300),
+    and at 5e-4 or 2.5e-4 rose to 0.55-0.60 by step 400-600 and stayed there (random, adversarial and
+    popular alike: 0.56/0.55/0.57): with one bit per example the lookup is not learned in a build's budget."""
     threads: int = 2
     """torch threads: speed only — steps, data and schedule are the same for any count (float sums
     may round differently). Alone on a 2-core machine, stage 2 ran
