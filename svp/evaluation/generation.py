@@ -67,3 +67,30 @@ def generate_texts(
                 ids.append(t)
             texts.append(vlm.decode(ids))
     return texts
+
+
+YES_WORDS = ("Yes", "yes")
+NO_WORDS = ("No", "no")
+
+
+def first_token_ids(vlm: LoadedVLM, words: Sequence[str]) -> list[int]:
+    """The token each of ``words`` starts with when it opens an answer (SentencePiece's "▁Yes", BPE's "Yes")."""
+    ids = {int(vlm.tokenizer(w, add_special_tokens=False)["input_ids"][0]) for w in words}
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def yes_no_margins(
+    vlm: LoadedVLM, prompts: Sequence[PromptInputs], batch_size: int = 32, desc: str = "yes/no margins",
+    progress: bool = True,
+) -> list[float]:
+    """For each prompt, log P(yes) - log P(no) of the answer's first token (each side summed over its
+    spellings): the model's graded belief, where greedy decoding only shows which side wins."""
+    yes = torch.tensor(first_token_ids(vlm, YES_WORDS))
+    no = torch.tensor(first_token_ids(vlm, NO_WORDS))
+    margins: list[float] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        chunk = prompts[start : start + batch_size]
+        logits = vlm.prefill(chunk, range(len(chunk))).next_logits.float().log_softmax(-1)
+        margins += (logits[:, yes].logsumexp(-1) - logits[:, no].logsumexp(-1)).tolist()
+    return margins

@@ -136,6 +136,17 @@ def yes_no_scores(answers: Sequence[str], labels: Sequence[str]) -> dict[str, fl
     }
 
 
+def ranking_auc(scores: Sequence[float], labels: Sequence[str]) -> float:
+    """Probability that a "yes" item scores above a "no" item (ties count half): the Mann-Whitney AUC.
+    0.5 is no signal whatever the threshold; POPE accuracy at 0.5 can hide either."""
+    pos = [s for s, g in zip(scores, labels, strict=True) if g == "yes"]
+    neg = [s for s, g in zip(scores, labels, strict=True) if g == "no"]
+    if not pos or not neg:
+        raise ValueError("need at least one yes and one no label")
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
 _NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 
 

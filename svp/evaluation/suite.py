@@ -2,7 +2,8 @@
 
 - :func:`evaluate_world` — ShapesWorld scenes of a split with exact ground truth: captioning
   (base prompt, greedy) against the five references, CHAIR-style object recall and
-  hallucination, POPE on its three negative-sampling splits, REG CIDEr, counting accuracy, and
+  hallucination, POPE on its three negative-sampling splits (read from the answers, as POPE does, and
+  the AUC of the yes-versus-no margin of the first answer token), REG CIDEr, counting accuracy, and
   optionally the grounded-context check (every object boxed in ``<context>``, how many of the
   boxed objects the caption gets right).
 - :func:`evaluate_coco` — the same captioning and object metrics on real data: a directory of
@@ -24,8 +25,8 @@ from PIL import Image
 
 from svp.contract import Box
 from svp.evaluation.coco import CategoryMentions, load_captions, load_objects
-from svp.evaluation.generation import generate_texts, question_inputs
-from svp.evaluation.metrics import caption_scores, counting_accuracy, object_scores, yes_no_scores
+from svp.evaluation.generation import generate_texts, question_inputs, yes_no_margins
+from svp.evaluation.metrics import caption_scores, counting_accuracy, object_scores, ranking_auc, yes_no_scores
 from svp.grounding import render_context
 from svp.models.loading import LoadedVLM
 from svp.world.language import mentioned_objects, reference_captions
@@ -110,7 +111,10 @@ def evaluate_world(
                 qs = pope_questions(scenes, strategy)
                 answers = _answers(vlm, images, [(q.scene_id, q.question) for q in qs], options, f"POPE {strategy}")
                 texts[f"pope_{strategy}"] = answers
-                results[f"pope_{strategy}"] = yes_no_scores(answers, [q.answer for q in qs])
+                labels = [q.answer for q in qs]
+                margins = yes_no_margins(vlm, [question_inputs(vlm, images[q.scene_id], q.question) for q in qs],
+                                         options.batch_size, f"POPE {strategy} margins", options.progress)
+                results[f"pope_{strategy}"] = {**yes_no_scores(answers, labels), "yes_margin_auc": ranking_auc(margins, labels)}
         if "reg" in tasks:
             regs = region_items(scenes)
             answers = _answers(vlm, images, [(r.scene_id, r.question) for r in regs], options, "REG")

@@ -11,9 +11,10 @@ from the test split the demo reports on):
 - base-prompt object recall and hallucination rate;
 - ``top_shape_share``: the share of the most frequent shape word among all mentions — a collapsed
   model names one shape for everything;
-- POPE accuracy, the lowest of its three splits — reported, not gated: the recipe does not yet
-  teach yes/no presence questions (accuracy stays near 0.5 on every seed), and a gate no seed
-  can pass would only retry builds.
+- POPE accuracy and the AUC of the yes/no margin, each the lowest of its three splits — reported,
+  not gated: the recipe does not yet teach yes/no presence questions (accuracy stays near 0.5 on
+  every seed), and a gate no seed can pass would only retry builds. The AUC tells a model with no
+  signal (0.5) from one whose signal a yes-bias hides.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class GateThresholds:
             "hallucination": ("<=", self.max_hallucination),
             "top_shape_share": ("<=", self.max_top_shape_share),
             "pope_accuracy_min": (">=", self.min_pope_accuracy),
+            "pope_auc_min": (">=", None),
         }
 
 
@@ -75,6 +77,7 @@ def measure_gate(model_dir: str | Path, thresholds: GateThresholds, start: int, 
         "hallucination": results["objects"]["hallucination_rate"],
         "top_shape_share": top_shape_share(texts["caption"] + texts["grounded"]),
         "pope_accuracy_min": min(results[k]["accuracy"] for k in results if k.startswith("pope_")),
+        "pope_auc_min": min(results[k]["yes_margin_auc"] for k in results if k.startswith("pope_")),
     }
 
 

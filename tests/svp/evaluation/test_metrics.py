@@ -1,13 +1,16 @@
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
+from scipy.stats import mannwhitneyu
 
 from svp.evaluation.coco import CategoryMentions, load_captions, load_objects
 from svp.evaluation.metrics import (
     caption_scores,
     counting_accuracy,
     object_scores,
+    ranking_auc,
     read_number,
     read_yes_no,
     yes_no_scores,
@@ -52,6 +55,21 @@ def test_pope_scores_on_a_fixed_answer_list():
     assert read_yes_no("There is not a red circle.") == "no"
     with pytest.raises(ValueError):
         yes_no_scores(["yes"], [])
+
+
+def test_ranking_auc_by_hand_and_against_mann_whitney():
+    # yes scores {0.9, 0.5}, no scores {0.1, 0.5}: 0.9 beats both, 0.5 beats 0.1 and ties 0.5 -> 3.5 / 4
+    assert ranking_auc([0.9, 0.1, 0.5, 0.5], ["yes", "no", "yes", "no"]) == pytest.approx(0.875)
+    assert ranking_auc([1.0, 1.0], ["yes", "no"]) == 0.5
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=60), 1)  # rounded: ties happen
+    labels = ["yes" if x else "no" for x in rng.random(60) < 0.5]
+    pos = [s for s, g in zip(scores, labels, strict=True) if g == "yes"]
+    neg = [s for s, g in zip(scores, labels, strict=True) if g == "no"]
+    u = mannwhitneyu(pos, neg).statistic
+    assert ranking_auc(list(scores), labels) == pytest.approx(u / (len(pos) * len(neg)))
+    with pytest.raises(ValueError):
+        ranking_auc([0.3], ["yes"])
 
 
 def test_counting():

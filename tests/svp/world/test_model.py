@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from svp.cli import app
-from svp.evaluation.generation import question_inputs
+from svp.evaluation.generation import first_token_ids, question_inputs, yes_no_margins
 from svp.evaluation.suite import EvalOptions, evaluate_coco, evaluate_world
 from svp.models.loading import load_vlm
 from svp.prompts import PAPER_PROMPTS, build_messages
@@ -356,10 +356,27 @@ def test_evaluation_suite_and_premise_run_on_the_model(vlm):
         for value in group.values():
             assert value >= 0.0
     assert 0.0 <= results["objects"]["object_recall"] <= 1.0
+    assert all(0.0 <= results[f"pope_{s}"]["yes_margin_auc"] <= 1.0 for s in ("random", "popular", "adversarial"))
     assert len(texts["caption"]) == 3
     premise = premise_check(vlm, n_scenes=2, k=2, options=FAST)
     assert premise["grounding"]["samples"] == 4.0
     assert set(premise["prior"]) == set(premise["grounded"])
+
+
+def test_yes_no_margins_equal_a_plain_forward_of_each_question(vlm):
+    """The batched (left-padded) margins against one unpadded forward per question, by hand."""
+    scenes = generate_scenes("test", 3)
+    items = [(s, q) for s in scenes for q in ("Is there a red circle in the image?", "Is there an orange star here?")]
+    prompts = [question_inputs(vlm, s.render(), q) for s, q in items]
+    margins = yes_no_margins(vlm, prompts, batch_size=4, progress=False)
+    yes = [vlm.tokenizer.convert_tokens_to_ids(w) for w in ("Yes", "yes")]
+    no = [vlm.tokenizer.convert_tokens_to_ids(w) for w in ("No", "no")]
+    assert first_token_ids(vlm, ("Yes", "yes")) == sorted(yes)
+    for prompt, margin in zip(prompts, margins, strict=True):
+        with torch.no_grad():
+            logits = vlm.model(input_ids=prompt.input_ids[None], **prompt.vision).logits[0, -1].float()
+        p = logits.softmax(-1)
+        assert margin == pytest.approx(float(torch.log(p[yes].sum()) - torch.log(p[no].sum())), abs=1e-4)
 
 
 def test_cli_eval_and_export(world, tmp_path):
