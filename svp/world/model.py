@@ -191,7 +191,7 @@ class WorldModelConfig:
     and at 5e-4 or 2.5e-4 rose to 0.55-0.60 by step 400-600 and stayed there (random, adversarial and
     popular alike: 0.56/0.55/0.57): with one bit per example the lookup is not learned in a build's budget.
     Nor did more bits per example or easier questions help (seed-0 tower, 200 held-out scenes, all at
-    chance, 0.49-0.54): 8 questions per conversation (300 steps at 5e-4 and 1.5e-3); half of them
+    chance, 0.42-0.57 on every split): 8 questions per conversation (300 steps at 5e-4 and 1.5e-3); half of them
     single-attribute ("Is there a circle ...", 700 steps at 1e-3); and, on a fully built model, 50 % POPE
     beside captions (100 steps), or 30 % POPE with 30 % REC ("the bounding box of ... a red circle",
     which should teach a query-by-phrase over the cells; 300 steps). In a built model the answer position attends
