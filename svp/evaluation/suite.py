@@ -109,11 +109,12 @@ def evaluate_world(
         if "pope" in tasks:
             for strategy in POPE_STRATEGIES:
                 qs = pope_questions(scenes, strategy)
-                answers = _answers(vlm, images, [(q.scene_id, q.question) for q in qs], options, f"POPE {strategy}")
+                prompts = [question_inputs(vlm, images[q.scene_id], q.question) for q in qs]
+                answers = generate_texts(vlm, prompts, options.answer_tokens, options.batch_size,
+                                         desc=f"POPE {strategy}", progress=options.progress)
+                margins = yes_no_margins(vlm, prompts, options.batch_size, f"POPE {strategy} margins", options.progress)
                 texts[f"pope_{strategy}"] = answers
                 labels = [q.answer for q in qs]
-                margins = yes_no_margins(vlm, [question_inputs(vlm, images[q.scene_id], q.question) for q in qs],
-                                         options.batch_size, f"POPE {strategy} margins", options.progress)
                 results[f"pope_{strategy}"] = {**yes_no_scores(answers, labels), "yes_margin_auc": ranking_auc(margins, labels)}
         if "reg" in tasks:
             regs = region_items(scenes)
