@@ -49,8 +49,8 @@ def write_report(run_dir: Path, run: RunPublic) -> Path:
     """``report.json`` (the run record) and ``report.md`` (a per-round table)."""
     write_atomic(run_dir / "report.json", run.model_dump_json(indent=2))
     rows = [
-        "| round | images (failed) | prior | grounded | scored | selected | degenerate | mean score | selected mean | adapter |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| round | images (failed) | prior | grounded | scored | selected | degenerate | unverified | mean score | selected mean | adapter |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def fmt(v: float | None) -> str:
@@ -59,13 +59,15 @@ def write_report(run_dir: Path, run: RunPublic) -> Path:
     for r in run.rounds:
         rows.append(
             f"| {r.round} | {r.images_done}/{r.images_total} ({r.images_failed}) | {r.stages.prior_samples} | {r.stages.grounded_samples} "
-            f"| {r.stages.scored} | {r.stages.selected} | {r.stages.dropped_degenerate} | {fmt(r.scores.mean)} "
+            f"| {r.stages.scored} | {r.stages.selected} | {r.stages.dropped_degenerate} | {r.stages.dropped_unverified} "
+            f"| {fmt(r.scores.mean)} "
             f"| {fmt(r.scores.selected_mean)} | {r.adapter or '-'} |"
         )
     c = run.config
     header = (
         f"# SVP run {run.id}\n\nstate: {run.state}; K={c.k}, top ratio {c.top_ratio}, score {c.score} "
         f"({c.normalization}), grounding {'on' if c.grounding else 'off'}, scoring {'on' if c.scoring else 'off'}, "
+        f"verify {'on' if c.verify else 'off'}, "
         f"iterations {c.iterations}, preset {c.preset}, variant {c.variant}\n\n"
     )
     errors = "".join(f"- {e}\n" for e in run.errors)

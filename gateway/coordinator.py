@@ -205,7 +205,7 @@ def finish_round(self: Task, run_id: str, round_: int) -> None:
     run_dir = settings().runs_root / run_id
     selected_path, selected_count = write_round_files(run_dir, round_, s.results(run_id, round_))
     if selected_count == 0:
-        _fail_run(run_id, f"round {round_}: no sample was selected (all degenerate or failed)")
+        _fail_run(run_id, f"round {round_}: no sample was selected (all degenerate, unverified or failed)")
         return
     # Entered from "running" the first time; a redelivered callback finds "training" and goes on.
     if s.state(run_id) == "running":

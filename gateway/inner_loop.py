@@ -125,6 +125,7 @@ class SamplingParams:
     grounding: bool
     scoring: bool
     top_ratio: float
+    verify: bool = False
     model: str | None = None
     adapter: str | None = None
 
@@ -133,8 +134,17 @@ class SamplingParams:
         return cls(
             k=run.k, temperature=run.temperature, top_p=run.top_p, max_new_tokens=run.max_new_tokens,
             seed=derive_seed(run.seed, round_, image_index), score=run.score, normalization=run.normalization,
-            grounding=run.grounding, scoring=run.scoring, top_ratio=run.top_ratio, model=run.model, adapter=adapter,
+            grounding=run.grounding, scoring=run.scoring, top_ratio=run.top_ratio, verify=run.verify, model=run.model,
+            adapter=adapter,
         )
+
+
+def unboxed_phrases(result: GroundingResult) -> list[str]:
+    """The phrases of a grounding that no box carries as its label. The grounder labels a box with
+    the phrase's words that match the region (a partial match drops the wrong word, GroundingDINO's
+    ``text_threshold``), so a phrase with no box labelled by all of it names something not seen."""
+    labels = {b.label for b in result.boxes}
+    return [phrase for phrase in result.phrases if phrase not in labels]
 
 
 def _chunks(n: int) -> Iterator[tuple[int, int]]:
@@ -229,10 +239,15 @@ class InnerLoop:
                 timings.scoring_s = time.perf_counter() - t0
             else:
                 values = [math.nan] * len(grounded)
+            unverified: list[list[str] | None] = [None] * len(grounded)
+            if p.verify:
+                t0 = time.perf_counter()
+                unverified = [unboxed_phrases(v) for v in self.ground(image, [s.text for s in grounded])]
+                timings.grounding_s = (timings.grounding_s or 0.0) + time.perf_counter() - t0
             candidates = [
                 GroundedCandidate(index=j, text=s.text, finish_reason=s.finish_reason, boxes=g.boxes,
-                                  score=None if math.isnan(v) else v, token_count=len(s.token_ids))
-                for j, (g, s, v) in enumerate(zip(groundings, grounded, values, strict=True))
+                                  score=None if math.isnan(v) else v, token_count=len(s.token_ids), unverified=u)
+                for j, (g, s, v, u) in enumerate(zip(groundings, grounded, values, unverified, strict=True))
             ]
         else:
             # Self-captioning ablation (the paper's "fine-tuning without feedback"): the prior
@@ -243,7 +258,7 @@ class InnerLoop:
             ]
         selection_keys = self._selection_keys(candidates, p)
         selection = select_top(
-            [Candidate(index=c.index, text=c.text, score=key, finish_reason=c.finish_reason)
+            [Candidate(index=c.index, text=c.text, score=key, finish_reason=c.finish_reason, verified=not c.unverified)
              for c, key in zip(candidates, selection_keys, strict=True)],
             p.top_ratio,
         )

@@ -62,7 +62,8 @@ def counter_increments(result: ImageResult, grounded: bool) -> dict[str, Any]:
         "grounded_samples": len(result.candidates) if grounded else 0,
         "scored": len(scored),
         "selected": len(result.selected),
-        "dropped_degenerate": len(result.dropped),
+        "dropped_degenerate": sum(reason != "unverified" for reason in result.dropped.values()),
+        "dropped_unverified": sum(reason == "unverified" for reason in result.dropped.values()),
         "selected_scored": len(selected_scores),
     }
     return {
@@ -314,7 +315,7 @@ def _round_public(round_: int, h: dict[str, str]) -> RoundPublic:
         stages=StageCounts(
             prior_samples=num("prior_samples"), groundings=num("groundings"),
             grounded_samples=num("grounded_samples"), scored=scored, selected=num("selected"),
-            dropped_degenerate=num("dropped_degenerate"),
+            dropped_degenerate=num("dropped_degenerate"), dropped_unverified=num("dropped_unverified"),
         ),
         scores=ScoreSummary(
             count=scored,

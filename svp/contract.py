@@ -388,6 +388,10 @@ class RunCreate(StrictModel):
     vq_data: str | None = Field(default=None, description="VQ pairs JSONL under the data root (CVQ).")
     grounding: bool = Field(default=True, description="False: self-captioning ablation (no grounding).")
     scoring: bool = Field(default=True, description="False: random selection among grounded samples.")
+    verify: bool = Field(
+        default=False,
+        description="Ground each grounded sample's own noun phrases too and drop the samples naming one the "
+        "grounder boxes nowhere under its full phrase (an extension, not in the paper).")
     temperature: float = Field(default=1.0, gt=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=128, ge=1, le=2048)
@@ -399,6 +403,8 @@ class RunCreate(StrictModel):
             raise ValueError("'vq_data' is required for variant 'CVQ'")
         if self.variant == "C" and self.vq_data:
             raise ValueError("'vq_data' is only used by variant 'CVQ'")
+        if self.verify and not self.grounding:
+            raise ValueError("'verify' grounds the grounded samples: it needs 'grounding'")
         return self
 
 
@@ -409,6 +415,7 @@ class StageCounts(BaseModel):
     scored: int = 0
     selected: int = 0
     dropped_degenerate: int = 0
+    dropped_unverified: int = Field(default=0, description="With verify: samples naming a phrase the grounder boxed nowhere.")
 
 
 class ScoreSummary(BaseModel):
@@ -428,6 +435,8 @@ class GroundedCandidate(BaseModel):
     boxes: list[Box] = []
     score: float | None = None
     token_count: int = 0
+    unverified: list[str] | None = Field(
+        default=None, description="With verify: its noun phrases the grounder boxed nowhere (None: not verified).")
 
 
 class ImageResult(BaseModel):

@@ -207,6 +207,8 @@ def demo_command(
     rounds: int = typer.Option(1, min=1, max=3, help="SVP rounds (I <= 3); each samples from the last one's adapter."),
     max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="Token limit of each sample."),
     temperature: float = typer.Option(1.0, help="Sampling temperature of the prior and grounded samples."),
+    verify: bool = typer.Option(False, help="Drop grounded samples naming a phrase the grounder boxes nowhere "
+                                "(an extension, not in the paper; see RunCreate.verify)."),
     test_scenes: int = typer.Option(DEMO_TEST_SCENES, min=1, help="Held-out test scenes evaluated."),
     eval_tasks: str = typer.Option("caption,pope,count", help="svp.evaluation world tasks, comma-separated."),
     ablations: bool = typer.Option(False, help="Also run the paper's Table 6 rows (no feedback; no scoring)."),
@@ -234,7 +236,7 @@ def demo_command(
     manifest.write_text("".join(f"{p.relative_to(data_root).as_posix()}\n" for p in unlabelled))
     artifact_root = work_dir / "artifacts"
     api_key = secrets.token_urlsafe(24)
-    variants = {"SVP": {"grounding": True, "scoring": True}}
+    variants = {"SVP": {"grounding": True, "scoring": True, "verify": verify}}
     if ablations:
         variants = {"w/o feedback": {"grounding": False, "scoring": False},
                     "grounding, no scoring": {"grounding": True, "scoring": False}, **variants}

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
-DropReason = Literal["empty", "repetition", "truncated", "not_a_description", "unscored"]
+DropReason = Literal["empty", "repetition", "truncated", "not_a_description", "unscored", "unverified"]
 
 _WORDS = re.compile(r"[a-z0-9']+")
 
@@ -21,6 +21,8 @@ class Candidate:
     text: str
     score: float
     finish_reason: Literal["stop", "length"]
+    verified: bool = True
+    """False: the grounder found no box for one of the noun phrases it names (see ``RunCreate.verify``)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def degenerate_reason(
 
 
 def select_top(candidates: list[Candidate], ratio: float) -> SelectionResult:
-    """Keep the top ``ceil(ratio · K)`` non-degenerate candidates by score (K = all candidates).
+    """Keep the top ``ceil(ratio · K)`` non-degenerate, verified candidates by score (K = all candidates).
 
     Ties are broken by the lower sample index, so the result never depends on input order.
     """
@@ -68,6 +70,8 @@ def select_top(candidates: list[Candidate], ratio: float) -> SelectionResult:
     valid: list[Candidate] = []
     for c in candidates:
         reason = degenerate_reason(c.text, c.finish_reason)
+        if reason is None and not c.verified:
+            reason = "unverified"
         if reason is None and not math.isfinite(c.score):
             reason = "unscored"
         if reason is None:

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.inner_loop import derive_seed
-from svp.client import APIError, GatewayClient, SamplerClient
-from svp.contract import ImageInput, ImageResult, ISVPRequest, RunCreate, RunPublic, SampleRequest, TrainingConfig
+from gateway.inner_loop import derive_seed, unboxed_phrases
+from svp.client import APIError, GatewayClient, GrounderClient, SamplerClient
+from svp.contract import GroundingItem, GroundingRequest, ImageInput, ImageResult, ISVPRequest, RunCreate, RunPublic, SampleRequest, TrainingConfig
 from svp.demo import stack_spec
 from svp.prompts import PAPER_PROMPTS
 from svp.stack import LocalStack
@@ -263,6 +263,33 @@ def test_ablation_runs_complete_without_grounding_or_scoring(stack: LocalStack) 
     stages = unscored.rounds[0].stages
     assert (stages.grounded_samples, stages.scored) == (12, 0) and stages.selected > 0
     assert plain.rounds[0].adapter and unscored.rounds[0].adapter
+
+
+def test_verified_run_drops_the_samples_naming_what_the_grounder_cannot_find(stack: LocalStack,
+                                                                           world: WorldArtifacts) -> None:
+    with client(stack) as c:
+        created = c.create_run(RunCreate(images="first-4.txt", k=3, top_ratio=1.0, preset="tiny", training=TRAINING,
+                                         max_new_tokens=MAX_NEW_TOKENS, seed=7, verify=True))
+    # The CI model's captions are poor: every sample may be unverified, and the run then fails saying so.
+    run = wait_for(stack, created.id, lambda r: r.state in ("succeeded", "failed"))
+    results = candidates(stack, run.id, 1)
+    samples = [(x, cand) for x in results for cand in x.candidates]
+    with GrounderClient(stack.urls["grounder"], api_key=stack.spec.service_token) as grounder:
+        regrounded = grounder.ground(GroundingRequest(items=[
+            GroundingItem(image=ImageInput.from_bytes((world.root / "data" / x.image).read_bytes()), caption=cand.text)
+            for x, cand in samples if cand.text.strip()]))
+    texts = [cand for _, cand in samples if cand.text.strip()]
+    for cand, result in zip(texts, regrounded.results, strict=True):
+        assert cand.unverified == unboxed_phrases(result)  # the grounder is deterministic
+    for x in results:
+        assert all(not x.candidates[i].unverified for i in x.selected)
+        assert {i for i, why in x.dropped.items() if why == "unverified"} <= {
+            cand.index for cand in x.candidates if cand.unverified}
+    stages = run.rounds[0].stages
+    assert stages.dropped_unverified == sum(why == "unverified" for x in results for why in x.dropped.values())
+    assert stages.selected == sum(len(x.selected) for x in results)
+    if run.state == "failed":
+        assert stages.selected == 0 and "no sample was selected" in " ".join(run.errors)
 
 
 def test_isvp_caption_and_the_event_stream(stack: LocalStack, world: WorldArtifacts) -> None:

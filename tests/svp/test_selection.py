@@ -37,3 +37,12 @@ def test_select_top_ceil_ratio_ties_and_reasons():
 def test_ratio_must_be_in_unit_interval():
     with pytest.raises(ValueError):
         select_top([], 0.0)
+
+
+def test_unverified_candidates_are_dropped_before_ranking():
+    good = "In the image, there is a red circle at the top."
+    cands = [Candidate(0, good, 5.0, "stop", verified=False), Candidate(1, good, 1.0, "stop"),
+             Candidate(2, good, 2.0, "stop")]
+    res = select_top(cands, 0.5)  # ceil(0.5 * 3) = 2 of the 3, but only 2 are verified
+    assert [c.index for c in res.selected] == [2, 1]
+    assert res.dropped == {0: "unverified"}

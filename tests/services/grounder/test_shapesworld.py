@@ -108,3 +108,17 @@ def test_strict_setting_gives_a_wrong_phrase_no_box() -> None:
         [image], [[phrase]], threshold, 0.25)[0]
     assert [b.label for b in default] == [f"{obj.size} {obj.colour}"] and iou(default[0].xyxy, obj.box) >= 0.9
     assert strict == []
+
+
+def test_verification_flags_only_the_phrases_of_absent_objects(shapes_client: GrounderClient) -> None:
+    """What ``RunCreate.verify`` drops a sample for: grounding a sample's own caption, the phrase of an
+    object not in the scene gets no box under its label (a partial match is labelled without the
+    wrong word), and every phrase of an object present does."""
+    from gateway.inner_loop import unboxed_phrases
+
+    scenes = SCENES[:12]
+    items = [GroundingItem(image=ImageInput.from_bytes(scene.png_bytes()),
+                           caption=reference_captions(scene.objects)[0] + f" There is also a {absent_phrase(scene)}.")
+             for scene in scenes]
+    for scene, result in zip(scenes, shapes_client.ground(GroundingRequest(items=items)).results, strict=True):
+        assert unboxed_phrases(result) == [absent_phrase(scene)], (scene.scene_id, result)
