@@ -15,7 +15,17 @@ import pytest
 
 from gateway.inner_loop import derive_seed, unboxed_phrases
 from svp.client import APIError, GatewayClient, GrounderClient, SamplerClient
-from svp.contract import GroundingItem, GroundingRequest, ImageInput, ImageResult, ISVPRequest, RunCreate, RunPublic, SampleRequest, TrainingConfig
+from svp.contract import (
+    GroundingItem,
+    GroundingRequest,
+    ImageInput,
+    ImageResult,
+    ISVPRequest,
+    RunCreate,
+    RunPublic,
+    SampleRequest,
+    TrainingConfig,
+)
 from svp.demo import stack_spec
 from svp.prompts import PAPER_PROMPTS
 from svp.stack import LocalStack
