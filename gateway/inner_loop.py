@@ -11,7 +11,9 @@ import hashlib
 import logging
 import math
 import random
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -139,12 +141,28 @@ class SamplingParams:
         )
 
 
-def unboxed_phrases(result: GroundingResult) -> list[str]:
-    """The phrases of a grounding that no box carries as its label. The grounder labels a box with
-    the phrase's words that match the region (a partial match drops the wrong word, GroundingDINO's
-    ``text_threshold``), so a phrase with no box labelled by all of it names something not seen."""
-    labels = {b.label for b in result.boxes}
-    return [phrase for phrase in result.phrases if phrase not in labels]
+def introductions(caption: str, phrases: list[str]) -> Counter[str]:
+    """How many distinct things ``caption`` introduces under each phrase: its occurrences after "a" or
+    "an" ("a dog ... a dog" is two dogs, "a dog ... the dog" one), at least one each; a longer phrase
+    is counted before the shorter ones inside it ("a large red circle" is not also "a red circle")."""
+    text = " ".join(re.findall(r"[a-z0-9']+", caption.lower()))
+    counts: Counter[str] = Counter()
+    for phrase in sorted(phrases, key=len, reverse=True):
+        pattern = re.compile(rf"\b(?:a|an) {re.escape(phrase)}\b")
+        counts[phrase] = max(1, len(pattern.findall(text)))
+        text = pattern.sub(" ", text)
+    return counts
+
+
+def unboxed_phrases(caption: str, result: GroundingResult) -> list[str]:
+    """The phrases of ``caption``'s grounding that name more things than boxes carry the phrase as
+    their label. The grounder labels a box with the words of the phrase that match the region (a
+    partial match drops the wrong word, as GroundingDINO's ``text_threshold`` does), and gives each
+    instance its own box, so a phrase short of boxes labelled with all of it names something not seen
+    (or one thing twice: "a small blue diamond" at the top left and again on the left)."""
+    boxes = Counter(b.label for b in result.boxes)
+    named = introductions(caption, result.phrases)
+    return [phrase for phrase in result.phrases if boxes[phrase] < named[phrase]]
 
 
 def _chunks(n: int) -> Iterator[tuple[int, int]]:
@@ -242,7 +260,8 @@ class InnerLoop:
             unverified: list[list[str] | None] = [None] * len(grounded)
             if p.verify:
                 t0 = time.perf_counter()
-                unverified = [unboxed_phrases(v) for v in self.ground(image, [s.text for s in grounded])]
+                unverified = [unboxed_phrases(s.text, v) for s, v in
+                              zip(grounded, self.ground(image, [s.text for s in grounded]), strict=True)]
                 timings.grounding_s = (timings.grounding_s or 0.0) + time.perf_counter() - t0
             candidates = [
                 GroundedCandidate(index=j, text=s.text, finish_reason=s.finish_reason, boxes=g.boxes,

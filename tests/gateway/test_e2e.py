@@ -290,7 +290,7 @@ def test_verified_run_drops_the_samples_naming_what_the_grounder_cannot_find(sta
             for x, cand in samples if cand.text.strip()]))
     texts = [cand for _, cand in samples if cand.text.strip()]
     for cand, result in zip(texts, regrounded.results, strict=True):
-        assert cand.unverified == unboxed_phrases(result)  # the grounder is deterministic
+        assert cand.unverified == unboxed_phrases(cand.text, result)  # the grounder is deterministic
     for x in results:
         assert all(not x.candidates[i].unverified for i in x.selected)
         assert {i for i, why in x.dropped.items() if why == "unverified"} <= {
