@@ -22,6 +22,7 @@ from svp.client import GatewayClient
 from svp.contract import TERMINAL_STATES, ImageResult, RunCreate, RunPublic, ScoreName
 from svp.evaluation.intervals import Interval, intervals_table, object_intervals, scene_counts
 from svp.stack import LocalStack, StackSpec, require_prerequisites
+from svp.training.presets import get_preset
 from svp.world.round_objects import round_object_metrics, round_objects_table, score_hallucination_correlation
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,9 @@ def demo_command(
     temperature: float = typer.Option(1.0, help="Sampling temperature of the prior and grounded samples."),
     verify: bool = typer.Option(False, help="Drop grounded samples naming a phrase the grounder boxes nowhere "
                                 "(an extension, not in the paper; see RunCreate.verify)."),
+    train_projector: bool = typer.Option(False, help="Adapt the projector too (whole, beside the decoder's LoRA; "
+                                         "TrainingConfig.train_projector), so a round can change what the "
+                                         "decoder is shown, not only what it says about it."),
     test_scenes: int = typer.Option(DEMO_TEST_SCENES, min=1, help="Held-out test scenes evaluated."),
     eval_tasks: str = typer.Option("caption,pope,count", help="svp.evaluation world tasks, comma-separated."),
     ablations: bool = typer.Option(False, help="Also run the paper's Table 6 rows (no feedback; no scoring)."),
@@ -237,6 +241,7 @@ def demo_command(
     artifact_root = work_dir / "artifacts"
     api_key = secrets.token_urlsafe(24)
     variants = {"SVP": {"grounding": True, "scoring": True, "verify": verify}}
+    training = get_preset("tiny").model_copy(update={"train_projector": True}) if train_projector else None
     if ablations:
         variants = {"w/o feedback": {"grounding": False, "scoring": False},
                     "grounding, no scoring": {"grounding": True, "scoring": False}, **variants}
@@ -252,7 +257,7 @@ def demo_command(
                 t0 = time.perf_counter()
                 run = client.create_run(RunCreate(
                     images=manifest.name, k=k, top_ratio=top_ratio, score=score, iterations=rounds,  # type: ignore[arg-type]
-                    preset="tiny",
+                    preset="tiny", training=training,
                     max_new_tokens=max_new_tokens, temperature=temperature,
                     **switches,  # type: ignore[arg-type]
                 ))
@@ -442,7 +447,8 @@ def write_demo_report(artifact_root: Path, results: dict[str, dict[str, dict[str
         f"# SVP demo on ShapesWorld (run {svp_run.id})", "",
         f"{len(svp_run.rounds)} round(s) over {svp_run.rounds[0].images_total} unlabelled images, K={c.k}, "
         f"top ratio {c.top_ratio}, "
-        f"score {c.score}, preset {c.preset}, temperature {c.temperature}, max_new_tokens {c.max_new_tokens}.", "",
+        f"score {c.score}, preset {c.preset}{' with the projector trained' if c.training and c.training.train_projector else ''}, "
+        f"verify {'on' if c.verify else 'off'}, temperature {c.temperature}, max_new_tokens {c.max_new_tokens}.", "",
         "```", comparison_table(results), "", intervals_table(intervals, test_scenes), "```", "",
         verdict(intervals), "", "```", *(round_objects_table(m, r, correlations[r]) + "\n" for r, m in samples.items()),
         base_model_section(world_build), "```", "",
