@@ -196,7 +196,11 @@ class WorldModelConfig:
     beside captions (100 steps), or 30 % POPE with 30 % REC ("the bounding box of ... a red circle",
     which should teach a query-by-phrase over the cells; 300 steps). In a built model the answer position attends
     to the image (half its last layer's attention) but its yes-no margin ranks nothing (AUC 0.50):
-    "yes" needs a product of the question's words and the image that no first-order gradient starts."""
+    "yes" needs a product of the question's words and the image that no first-order gradient starts.
+    A "where is the red circle" task (answer: its position, or "There is no red circle.") beside POPE,
+    on a built seed-0 model, is learned (9-way accuracy 0.10 -> 0.63 in 600 steps) — finding the
+    best-matching cell needs only an additive colour + shape score — while POPE stays at 0.50: a
+    presence answer also needs the conjunction "red AND circle" formed before it meets the image."""
     threads: int = 2
     """torch threads: speed only — steps, data and schedule are the same for any count (float sums
     may round differently). Alone on a 2-core machine, stage 2 ran
