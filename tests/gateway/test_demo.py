@@ -40,9 +40,14 @@ def test_demo_runs_two_rounds_and_reports_base_vs_svp(tmp_path: Path) -> None:
     assert run["config"]["temperature"] == 0.7 and run["config"]["score"] == "delta"  # the demo's default score
     assert [r["adapter"] for r in run["rounds"]] == [f"run-{run['id']}-r1", f"run-{run['id']}-r2"]
     assert run["config"]["training"]["train_projector"] is True
+    adapters = work / "artifacts" / "adapters"
     for r in run["rounds"]:
-        adapter_config = json.loads((work / "artifacts" / "adapters" / r["adapter"] / "adapter_config.json").read_text())
+        adapter_config = json.loads((adapters / r["adapter"] / "adapter_config.json").read_text())
         assert adapter_config["modules_to_save"] == ["multi_modal_projector"]
+    # round 2 trained on from round 1's adapter, projector included
+    round_2_job = json.loads((adapters / run["rounds"][1]["adapter"] / "training_config.json").read_text())
+    assert round_2_job["request"]["parent_adapter"] == run["rounds"][0]["adapter"]
+    assert round_2_job["config"]["train_projector"] is True
     assert "with the projector trained" in (report_dir / "report.md").read_text()
     assert {"stack_start_s", "run_s[SVP]", "eval_s", "total_s"} <= set(results["timings"])
     # the object metrics come with intervals, and the report says what the base model's gate was
