@@ -15,6 +15,7 @@ from svp.prompts import PAPER_PROMPTS, build_messages
 from svp.world.build import WORLD_VERSION, ensure_world
 from svp.world.model import (
     IGNORE_INDEX,
+    AnswerProbes,
     DecoderStalled,
     ExampleSampler,
     PromptEncoder,
@@ -23,6 +24,7 @@ from svp.world.model import (
     attribute_losses,
     bf16_emulation_warning,
     cell_targets,
+    kind_class,
     kinds_present,
     lr_factor,
     obscure_shapes,
@@ -156,12 +158,19 @@ def test_shared_prefix_loss_equals_plain_forward(vlm):
         attention[r, :n] = 1
     images = torch.stack([pixels[e.image] if isinstance(e.image, int) else e.image for e in examples])
     # the reference: a plain forward pass, each answer token's loss weighted by its task's weight
-    logits = model(input_ids=ids, attention_mask=attention, pixel_values=images).logits
+    plain_out = model(input_ids=ids, attention_mask=attention, pixel_values=images, output_hidden_states=True)
+    logits = plain_out.logits
     token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                                      ignore_index=IGNORE_INDEX, reduction="none").view(len(examples), -1)
     row_weights = torch.tensor([e.weight for e in examples])[:, None]
     plain = (token_losses * row_weights).sum() / (row_weights * (labels[:, 1:] != IGNORE_INDEX)).sum()
-    total, weight_sum = answer_loss(model, examples, pixels, vlm.pad_token_id, vlm.image_token_id)
+    total, weight_sum, states = answer_loss(model, examples, pixels, vlm.pad_token_id, vlm.image_token_id,
+                                            state_layer=1)
+    # the answer-position states, in the examples' order whatever group each ran in
+    answer_positions = torch.tensor([len(e.prompt) - 1 for e in examples])
+    assert states is not None
+    assert torch.allclose(states, plain_out.hidden_states[1][torch.arange(len(examples)), answer_positions],
+                          atol=1e-5)
     assert weight_sum == pytest.approx(float((row_weights * (labels != IGNORE_INDEX)).sum()))
     assert float((total / weight_sum).detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
     weight = model.model.language_model.layers[0].self_attn.q_proj.weight
@@ -285,6 +294,36 @@ def test_presence_targets_are_the_kinds_of_each_scene():
     for scene, row in zip(scenes, present, strict=True):
         assert {kinds[i] for i in row.nonzero().flatten().tolist()} == {o.kind for o in scene.objects}
     assert set(present.unique().tolist()) == {0.0, 1.0}
+    assert [kind_class(k) for k in kinds] == list(range(len(kinds)))
+
+
+def test_answer_probes_loss_is_scene_kinds_for_all_and_asked_kind_for_pope(vlm):
+    scenes = generate_scenes("train", 12)
+    sampler = ExampleSampler(scenes, PromptEncoder(vlm.processor), WorldModelConfig.ci())
+    examples = [sampler.sample() for _ in range(40)]
+    pope = [e for e in examples if e.asked_kind is not None]
+    assert pope and len(pope) < len(examples)
+    # a POPE example's asked kind is the kind its question names
+    by_id = {s.scene_id: n for n, s in enumerate(scenes)}
+    questions = {(by_id[q.scene_id], q.question): q.kind for st in ("random", "popular", "adversarial")
+                 for q in sampler.pope[st]}
+    decode = vlm.tokenizer.decode
+    for e in pope:
+        question = next(q for (n, q) in questions if n == e.scene and q.split("?")[0] in decode(e.prompt))
+        assert e.asked_kind == kind_class(questions[(e.scene, question)])
+    torch.manual_seed(0)
+    probes = AnswerProbes(16)
+    states = torch.randn(len(examples), 16)
+    presence = kinds_present(cell_targets(scenes))
+    # by hand: mean binary cross-entropy over every example's 24 kinds, x5, plus the POPE rows' softmax loss
+    p_scene = torch.sigmoid(probes.scene_kinds(states))
+    target = presence[[e.scene for e in examples]]
+    bce = -(target * p_scene.log() + (1 - target) * (1 - p_scene).log()).mean()
+    rows = [n for n, e in enumerate(examples) if e.asked_kind is not None]
+    log_p = probes.asked_kind(states[rows]).log_softmax(-1)
+    ce = -torch.stack([log_p[r, examples[n].asked_kind] for r, n in enumerate(rows)]).mean()
+    expected = 5.0 * bce + ce
+    assert float(probes.loss(states, examples, presence).detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
 def test_obscured_objects_keep_their_place_and_lose_their_outline():
