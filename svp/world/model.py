@@ -758,7 +758,7 @@ def instruction_tune(
     read shapes and colours on held-out scenes."""
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
-    probes = AnswerProbes(int(model.get_input_embeddings().weight.shape[1])) if config.answer_probe_weight else None
+    probes = AnswerProbes(int(model.config.get_text_config().hidden_size)) if config.answer_probe_weight else None
     state_layer = config.answer_probe_layer if probes is not None else None
     presence = kinds_present(cell_targets(sampler.scenes))
     params = [p for p in model.parameters() if p.requires_grad]
