@@ -201,7 +201,8 @@ def train_gated(model_dir: Path, spec: WorldScale, progress: bool = True) -> dic
             return {
                 "seed": config.seed, "attempts": attempts, "gate": gate, "parameters": report.parameters,
                 "steps": report.steps, "decoder_restarts": report.decoder_restarts, "vision_loss": report.vision_loss, "final_loss": report.loss,
-                "vision_seconds": report.vision_seconds, "tuning_seconds": report.tuning_seconds,
+                "pope_loss": report.pope_loss, "vision_seconds": report.vision_seconds,
+                "tuning_seconds": report.tuning_seconds, "probe_seconds": report.probe_seconds,
                 "training_seconds": report.training_seconds, "environment": report.environment,
             }
         log.warning("seed %d failed the gate: %s", config.seed, "; ".join(failures))

@@ -43,7 +43,8 @@ def build(
                            "data": {k: str(v) for k, v in world.data_dirs.items()},
                            "seed": b["seed"], "parameters": b["parameters"], "steps": b["steps"],
                            "decoder_restarts": len(b["decoder_restarts"]), "vision_seconds": round(b["vision_seconds"], 1),
-                           "tuning_seconds": round(b["tuning_seconds"], 1), "environment": b["environment"]},
+                           "tuning_seconds": round(b["tuning_seconds"], 1),
+                           "probe_seconds": round(b["probe_seconds"], 1), "environment": b["environment"]},
                           indent=1))
 
 

@@ -201,24 +201,32 @@ class WorldModelConfig:
     on a built seed-0 model, is learned (9-way accuracy 0.10 -> 0.63 in 600 steps) — finding the
     best-matching cell needs only an additive colour + shape score — while POPE stays at 0.50: a
     presence answer also needs the conjunction "red AND circle" formed before it meets the image."""
+    probe_steps: int = 600
+    probe_lr: float = 1e-3
+    probe_warmup_steps: int = 20
+    probe_captions: int = 16
+    probe_questions: int = 16
+    probe_question_weight: float = 6.0
     answer_probe_layer: int = 2
     answer_probe_weight: float = 1.0
-    answer_probes_from: float = 0.25
-    """Auxiliary heads on the decoder's state after layer ``answer_probe_layer`` at every example's
-    answer position (its last prompt token), trained beside it and discarded: one says which kinds the
-    scene holds (as CLS's stage-1 head, from whatever the decoder gathered there), one which kind a POPE
-    question asks about. "Is there a red circle" is a *cubic* function of what the decoder starts with —
-    (colour word) x (shape word) x (presence in the image) — and a gradient only reaches such a product
-    once two of its factors exist (see ``presence_token``); these heads give the two factors their own
-    first-order signals, the asked kind and the scene's kinds at the answer position, and what is left
-    for the POPE answer is their dot product, a quadratic that one gated MLP layer learns. On the built
-    seed-0 v4 model (lab, lr 5e-4, 16 POPE + 16 caption examples a step): the asked kind was read at
-    1.00 after 200 steps, the asked kind's presence (AUC) 0.50 -> 0.87 by step 400, and POPE's yes-no
-    margin AUC left chance for the first time (0.49 -> 0.63-0.68); at lr 1e-3, by step 600, POPE
-    accuracy was 0.82 / 0.75 / 0.75 (random / popular / adversarial, 150 held-out scenes). They start
-    after ``answer_probes_from`` of stage 2, past the stall check: from the first step (seed 0, bf16)
-    they kept the decoder from finding the image (shape and colour losses 0.97 and 0.99 of chance at
-    step 300). 0 disables them."""
+    """Stage 3, POPE with answer-position probes: ``probe_steps`` steps (constant ``probe_lr`` after its
+    warm-up) of ``probe_captions`` caption examples (base or grounded, as stage 2 draws them) and
+    ``probe_questions`` POPE questions, whose mean answer loss weighs ``probe_question_weight`` (the
+    mean runs over the yes/no word and its end-of-turn token: 6 puts 3 on the word). Beside
+    it, auxiliary heads on the decoder's state after layer ``answer_probe_layer`` at each question's
+    answer position (its last prompt token) — trained with weight ``answer_probe_weight``, then
+    discarded — say which kinds the scene holds and which kind the question asks about.
+
+    "Is there a red circle" is a *cubic* function of what the decoder starts with: (colour word) x
+    (shape word) x (presence in the image). A gradient reaches such a product only once two of its
+    factors exist (see ``presence_token``). The heads give the asked kind and the scene's kinds at the
+    answer position their own first-order signals; what is left for the answer is their dot product,
+    a quadratic that one gated MLP layer learns. Continuing the built seed-0 v4 model (150 held-out
+    scenes): the asked kind was read at 1.00 by step 200, the asked kind's presence (AUC) 0.50 ->
+    0.97 by step 600, and POPE accuracy rose from 0.50 to 0.82 / 0.75 / 0.75 (random / popular /
+    adversarial). The same heads inside stage 2 (every example's scene kinds, POPE's asked kind, from
+    a quarter of the way) cost the captions what POPE gained too slowly: seed 0 failed the gate with
+    all-boxed 0.780 and POPE 0.54. ``probe_steps`` 0 skips the stage."""
     threads: int = 2
     """torch threads: speed only — steps, data and schedule are the same for any count (float sums
     may round differently). Alone on a 2-core machine, stage 2 ran
@@ -235,7 +243,8 @@ class WorldModelConfig:
         small = dict(cls().sizes, vision_hidden_size=32, vision_intermediate_size=64, vision_layers=2,
                      hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
         return cls(train_scenes=300, vision_steps=20, vision_batch_size=32, vision_warmup_steps=2, steps=30,
-                   batch_size=8, lr=3e-3, warmup_steps=5, simple_scene_steps=10, stall_check_step=0, sizes=small)
+                   batch_size=8, lr=3e-3, warmup_steps=5, simple_scene_steps=10, stall_check_step=0, probe_steps=8,
+                   probe_warmup_steps=2, probe_captions=4, probe_questions=4, sizes=small)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -388,7 +397,7 @@ class ExampleSampler:
     def sample(self, weighted: bool = True) -> Example:
         """One example; ``weighted``: its tokens carry the task's ``token_weights`` (else 1)."""
         task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.weights))]
-        return dataclasses.replace(self._sample(task), weight=self.token_weights.get(task, 1.0) if weighted else 1.0)
+        return dataclasses.replace(self.sample_task(task), weight=self.token_weights.get(task, 1.0) if weighted else 1.0)
 
     def base_caption_objects(self, scene: Scene) -> list[SceneObject]:
         objects = list(scene.objects)
@@ -412,7 +421,8 @@ class ExampleSampler:
         return Example(i, image, self.encoder.prompt_ids(build_messages("grounded", context)),
                        self.encoder.answer_ids(canonical_caption(scene.objects)))
 
-    def _sample(self, task: str) -> Example:
+    def sample_task(self, task: str) -> Example:
+        """One example of ``task`` (one of :data:`TASKS`), its tokens weighing 1."""
         if task in ("base", "grounded", "reg"):
             i = self.scene_index()
             scene = self.scenes[i]
@@ -553,7 +563,7 @@ def kind_class(kind: str) -> int:
 
 
 class AnswerProbes(torch.nn.Module):
-    """Stage 2's auxiliary heads on the answer position's state (``WorldModelConfig.answer_probe_weight``)."""
+    """Stage 3's auxiliary heads on the answer position's state (``WorldModelConfig.probe_steps``)."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -757,16 +767,13 @@ def instruction_tune(
     model: LlavaForConditionalGeneration, pixels: torch.Tensor, sampler: ExampleSampler, pad_id: int,
     config: WorldModelConfig, progress: bool = True,
 ) -> float:
-    """Stage 2 (vision tower frozen), ``config.steps`` steps; returns the mean answer loss of the last 20.
+    """Stage 2 (vision tower frozen), ``config.steps`` steps; returns the mean loss of the last 20.
 
     Raises :class:`DecoderStalled` at ``config.stall_check_step`` when the decoder does not yet
     read shapes and colours on held-out scenes."""
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
-    probes = AnswerProbes(int(model.config.get_text_config().hidden_size)) if config.answer_probe_weight else None
-    presence = kinds_present(cell_targets(sampler.scenes))
     params = [p for p in model.parameters() if p.requires_grad]
-    params += list(probes.parameters()) if probes is not None else []
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     model.train()
     model.model.vision_tower.eval()
@@ -791,21 +798,61 @@ def instruction_tune(
             for group in opt.param_groups:
                 group["lr"] = config.lr * lr_factor(done, step, config.warmup_steps, config.lr_floor)
             weighted = done >= config.token_weights_from
-            probing = probes is not None and done >= config.answer_probes_from
             examples = [sampler.sample(weighted) for _ in range(config.batch_size)]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                answers = answer_loss(model, examples, pixels, pad_id, image_token_id,
-                                      config.answer_probe_layer if probing else None)
-            answer = answers.total / max(1.0, answers.weight_sum)
-            loss = answer
-            if probing and probes is not None and answers.states is not None:
-                loss = answer + config.answer_probe_weight * probes.loss(answers.states, examples, presence)
+                answers = answer_loss(model, examples, pixels, pad_id, image_token_id)
+            loss = answers.total / max(1.0, answers.weight_sum)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            recent = (recent + [float(answer.detach())])[-20:]  # the answers' loss, without the probes'
+            recent = (recent + [float(loss.detach())])[-20:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    model.eval()
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(True)
+    return sum(recent) / max(1, len(recent))
+
+
+def probe_tune(
+    model: LlavaForConditionalGeneration, pixels: torch.Tensor, sampler: ExampleSampler, pad_id: int,
+    config: WorldModelConfig, progress: bool = True,
+) -> float:
+    """Stage 3 (vision tower frozen), ``config.probe_steps`` steps of captions and POPE questions with
+    the answer-position probes (see ``WorldModelConfig.probe_steps``); returns the mean POPE answer
+    loss of the last 20 steps."""
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    probes = AnswerProbes(int(model.config.get_text_config().hidden_size))
+    presence = kinds_present(cell_targets(sampler.scenes))
+    params = [p for p in model.parameters() if p.requires_grad] + list(probes.parameters())
+    opt = torch.optim.AdamW(params, lr=config.probe_lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    model.train()
+    model.model.vision_tower.eval()
+    image_token_id = int(model.config.image_token_id)
+    bf16 = use_bf16(config)
+    recent: list[float] = []
+    bar = tqdm(range(config.probe_steps), desc="POPE with answer probes", disable=not progress)
+    with vision_in_float32(model):
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = config.probe_lr * lr_factor(1.0, step, config.probe_warmup_steps, floor=1.0)
+            captions = [sampler.sample_task("base" if sampler.rng.random() < 0.4 else "grounded")
+                        for _ in range(config.probe_captions)]
+            questions = [sampler.sample_task("pope") for _ in range(config.probe_questions)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                described = answer_loss(model, captions, pixels, pad_id, image_token_id)
+                answered = answer_loss(model, questions, pixels, pad_id, image_token_id, config.answer_probe_layer)
+            assert answered.states is not None
+            pope = answered.total / max(1.0, answered.weight_sum)
+            loss = (described.total / max(1.0, described.weight_sum) + config.probe_question_weight * pope
+                    + config.answer_probe_weight * probes.loss(answered.states, questions, presence))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            recent = (recent + [float(pope.detach())])[-20:]
+            bar.set_postfix(pope_loss=f"{sum(recent) / len(recent):.3f}")
     model.eval()
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(True)
@@ -838,14 +885,17 @@ class TrainReport:
     """Stage-2 steps run, those of restarted starts included."""
     decoder_restarts: list[dict[str, float]]
     """Held-out attribute losses of each stage-2 start that failed its stall check."""
+    pope_loss: float | None
+    """Stage 3's POPE answer loss over its last 20 steps (``None`` without stage 3)."""
     vision_seconds: float
     tuning_seconds: float
+    probe_seconds: float
     environment: dict[str, Any]
     config: dict[str, Any]
 
     @property
     def training_seconds(self) -> float:
-        return self.vision_seconds + self.tuning_seconds
+        return self.vision_seconds + self.tuning_seconds + self.probe_seconds
 
 
 def build_environment(config: WorldModelConfig) -> dict[str, Any]:
@@ -932,6 +982,9 @@ def train_world_vlm(
                             config.max_decoder_restarts)
                 model = reinitialise_decoder(model, config.seed + DECODER_RESTART_SEED_STEP * len(stalls))
         t2 = time.perf_counter()
+        pope_loss = (probe_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config, progress)
+                     if config.probe_steps else None)
+        t3 = time.perf_counter()
     finally:
         torch.set_num_threads(previous_threads)
     model.save_pretrained(out)
@@ -942,8 +995,10 @@ def train_world_vlm(
         loss=loss,
         steps=config.steps + config.stall_check_step * len(stalls),
         decoder_restarts=stalls,
+        pope_loss=pope_loss,
         vision_seconds=t1 - t0,
         tuning_seconds=t2 - t1,
+        probe_seconds=t3 - t2,
         environment=build_environment(config),
         config=config.to_json(),
     )

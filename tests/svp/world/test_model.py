@@ -30,6 +30,7 @@ from svp.world.model import (
     obscure_shapes,
     pixel_tensor,
     prefix_length,
+    probe_tune,
     question_messages,
     reinitialise_decoder,
     train_world_vlm,
@@ -68,6 +69,10 @@ def test_build_writes_versioned_layout_and_is_reused(world):
     # build.json says what ran, on what, and the gate it passed
     build = json.loads((world.root / "build.json").read_text())
     assert build["steps"] == WorldModelConfig.ci().steps and build["seed"] == 0
+    # stage 3 ran, and its time counts in the build's
+    assert build["probe_seconds"] > 0 and 0 < build["pope_loss"] < 20
+    assert build["training_seconds"] == pytest.approx(
+        build["vision_seconds"] + build["tuning_seconds"] + build["probe_seconds"])
     assert build["environment"]["versions"]["torch"] == torch.__version__
     assert build["environment"]["precision"] in ("float32", "bfloat16 autocast (decoder)")
     assert build["attempts"][-1]["failures"] == [] and "all_boxed" in build["gate"]
@@ -178,6 +183,31 @@ def test_shared_prefix_loss_equals_plain_forward(vlm):
     g_shared = torch.autograd.grad(answer_loss(model, examples, pixels, vlm.pad_token_id, vlm.image_token_id)[0]
                                    / weight_sum, weight)[0]
     assert torch.allclose(g_plain, g_shared, atol=1e-6, rtol=1e-4)
+
+
+def test_stage_three_trains_projector_and_decoder_on_captions_and_pope_and_leaves_the_tower(vlm):
+    scenes = generate_scenes("train", 16)
+    config = dataclasses.replace(WorldModelConfig.ci(), probe_steps=3, probe_captions=2, probe_questions=3)
+    sampler = ExampleSampler(scenes, PromptEncoder(vlm.processor), config)
+    model = reinitialise_decoder(vlm.model, 7)  # a copy: the fixture's model stays as built
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    drawn: list = []
+    sample_task = sampler.sample_task
+
+    def record(task: str):
+        drawn.append(task)
+        return sample_task(task)
+
+    sampler.sample_task = record  # type: ignore[method-assign]
+    pope_loss = probe_tune(model, pixel_tensor([s.render() for s in scenes], vlm.processor), sampler,
+                           vlm.pad_token_id, config, progress=False)
+    assert 0 < pope_loss < 20
+    assert drawn.count("pope") == 9 and len(drawn) == 15 and set(drawn) <= {"pope", "base", "grounded"}
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert not any("vision_tower" in name for name in changed)
+    assert any("multi_modal_projector" in name for name in changed)
+    assert any("language_model.layers.3" in name or "language_model.layers.1" in name for name in changed)
+    assert all(p.requires_grad for p in model.model.vision_tower.parameters())  # unfrozen again
 
 
 def test_early_stage_two_draws_simple_scenes_and_asks_some_captions_without_system_prompt(vlm):
