@@ -31,6 +31,10 @@ Recipe, on the ``train`` split only:
      LLaVA's instruction data and :mod:`svp.training` render VQ pairs; the question before or after
      the image) -> short answers, their tokens weighted up in the second half of training.
 
+3. POPE beside captions: the decoder learns to answer "Is there a red circle in the image?" with
+   auxiliary heads at the answer position that give the question's kind and the scene's kinds their
+   own signals (stage 2 alone leaves POPE at chance; see ``WorldModelConfig.probe_steps``).
+
 The budget (steps x batch) is deliberately small: the result is a real but imperfect describer,
 the kind of model SVP adapts.
 """
@@ -200,7 +204,9 @@ class WorldModelConfig:
     A "where is the red circle" task (answer: its position, or "There is no red circle.") beside POPE,
     on a built seed-0 model, is learned (9-way accuracy 0.10 -> 0.63 in 600 steps) — finding the
     best-matching cell needs only an additive colour + shape score — while POPE stays at 0.50: a
-    presence answer also needs the conjunction "red AND circle" formed before it meets the image."""
+    presence answer also needs the conjunction "red AND circle" formed before it meets the image.
+    Stage 3 forms it (``probe_steps``): probes at the answer position make the question's kind and
+    the scene's kinds (gathered from this token) first-order targets."""
     probe_steps: int = 600
     probe_lr: float = 1e-3
     probe_warmup_steps: int = 20
@@ -453,6 +459,19 @@ def prefix_length(prompt: list[int], image_token_id: int) -> int:
     return prompt.index(image_token_id)
 
 
+SHARED_PREFIX_MIN_TOKENS = 32
+"""Text before the image at least this long (a system prompt) is run once for all the examples it
+opens. A shorter one is not worth a forward pass of its own — a question asked before the image
+belongs to one example only — so those examples run together behind their shared first token (BOS):
+with a group per question, stage 3's 16 POPE questions took ~9 forward and backward passes a step."""
+
+
+def shared_prefix(prompt: list[int], image_token_id: int) -> tuple[int, ...]:
+    """The part of ``prompt`` that :func:`answer_loss` runs once for every example that shares it."""
+    n = prefix_length(prompt, image_token_id)
+    return tuple(prompt[: n if n >= SHARED_PREFIX_MIN_TOKENS else 1])
+
+
 class AnswerLoss(NamedTuple):
     total: torch.Tensor
     """Weighted sum of the answer tokens' cross-entropy."""
@@ -475,13 +494,13 @@ def answer_loss(
     positions (``hidden_states[state_layer]``: 0 is the embeddings).
 
     Exactly the loss of a plain right-padded forward pass, computed faster: examples that share
-    the text before the image (same system prompt) are run together, and that shared prefix —
-    up to 160 tokens of Appendix F system prompt — is run once, its key/value cache repeated over
-    the group (gradients flow through it), instead of once per example.
+    the text before the image (same system prompt; see :func:`shared_prefix`) are run together, and
+    that shared prefix — up to 160 tokens of Appendix F system prompt — is run once, its key/value
+    cache repeated over the group (gradients flow through it), instead of once per example.
     """
     groups: dict[tuple[int, ...], list[int]] = {}
     for n, ex in enumerate(examples):
-        groups.setdefault(tuple(ex.prompt[: prefix_length(ex.prompt, image_token_id)]), []).append(n)
+        groups.setdefault(shared_prefix(ex.prompt, image_token_id), []).append(n)
     total = torch.zeros(())
     weight_sum = 0.0
     states: list[torch.Tensor | None] = [None] * len(examples)

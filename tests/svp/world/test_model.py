@@ -33,6 +33,7 @@ from svp.world.model import (
     probe_tune,
     question_messages,
     reinitialise_decoder,
+    shared_prefix,
     train_world_vlm,
     training_grounding,
     vision_in_float32,
@@ -148,6 +149,8 @@ def test_shared_prefix_loss_equals_plain_forward(vlm):
     assert any(not isinstance(e.image, int) for e in examples)
     # some probes put the question before the image (their own shared prefix)
     assert len({prefix_length(e.prompt, vlm.image_token_id) for e in examples}) > 3
+    # ... yet they run in one group behind BOS; only the two system prompts get a group each
+    assert len({shared_prefix(e.prompt, vlm.image_token_id) for e in examples}) == 3
     # probe answers carry their heavier token weight
     assert {e.weight for e in examples} >= {1.0, dict(WorldModelConfig.ci().token_weights)["pope"]}
     pixels = pixel_tensor([s.render() for s in scenes], vlm.processor)
