@@ -70,9 +70,10 @@ SCALES: dict[str, WorldScale] = {
 PRECISIONS = {"auto": None, "bf16": True, "float32": False}
 
 
-def scale_spec(scale: str, seed: int | None = None, precision: str = "auto", threads: int | None = None) -> WorldScale:
-    """The named scale with another first seed, stage-2 precision and/or thread count (``svp world
-    build`` and ``svp demo`` options)."""
+def scale_spec(scale: str, seed: int | None = None, precision: str = "auto", threads: int | None = None,
+               pope_steps: int | None = None) -> WorldScale:
+    """The named scale with another first seed, stage-2 precision, thread count and/or stage-3 length
+    (``svp world build`` and ``svp demo`` options)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
     if precision not in PRECISIONS:
@@ -80,7 +81,8 @@ def scale_spec(scale: str, seed: int | None = None, precision: str = "auto", thr
     spec = SCALES[scale]
     model = dataclasses.replace(spec.model, bf16=PRECISIONS[precision],
                                 seed=spec.model.seed if seed is None else seed,
-                                threads=spec.model.threads if threads is None else threads)
+                                threads=spec.model.threads if threads is None else threads,
+                                probe_steps=spec.model.probe_steps if pope_steps is None else pope_steps)
     return dataclasses.replace(spec, model=model)
 
 

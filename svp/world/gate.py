@@ -12,9 +12,10 @@ from the test split the demo reports on):
 - ``top_shape_share``: the share of the most frequent shape word among all mentions — a collapsed
   model names one shape for everything;
 - POPE accuracy and the AUC of the yes/no margin, each the lowest of its three splits — reported,
-  not gated: the recipe does not yet teach yes/no presence questions (accuracy stays near 0.5 on
-  every seed), and a gate no seed can pass would only retry builds. The AUC tells a model with no
-  signal (0.5) from one whose signal a yes-bias hides.
+  not gated: the default recipe does not teach yes/no presence questions (accuracy stays near 0.5 on
+  every seed; the optional stage 3 does, at the captions' cost, see
+  ``svp.world.model.WorldModelConfig.probe_steps``), and a gate no seed can pass would only retry
+  builds. The AUC tells a model with no signal (0.5) from one whose signal a yes-bias hides.
 """
 
 from __future__ import annotations

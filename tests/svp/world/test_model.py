@@ -88,6 +88,17 @@ def test_stage_one_reads_shape_and_colour_above_chance(world):
     assert gate["readout_occupied"] > 0.7
 
 
+def test_build_options_change_only_what_they_name():
+    from svp.world.build import scale_spec
+
+    full = WorldModelConfig.full()
+    spec = scale_spec("full", seed=3, precision="float32", threads=1, pope_steps=600)
+    assert dataclasses.replace(spec.model, seed=0, bf16=None, threads=2, probe_steps=0) == full
+    assert (spec.model.seed, spec.model.bf16, spec.model.threads, spec.model.probe_steps) == (3, False, 1, 600)
+    assert scale_spec("full").model == full and full.probe_steps == 0  # stage 3 is off unless asked for
+    assert scale_spec("ci").model.probe_steps == WorldModelConfig.ci().probe_steps > 0  # CI runs it
+
+
 def test_a_build_that_fails_the_gate_is_retried_with_the_next_seed_then_refused(tmp_path):
     from svp.world.build import SCALES, WorldGateError, ensure_world
     from svp.world.gate import GateThresholds
