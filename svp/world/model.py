@@ -795,6 +795,30 @@ def stalled(losses: dict[str, float], ratio: float) -> bool:
     return any(v >= ratio * math.log(len(ATTRIBUTE_WORDS[k])) for k, v in losses.items())
 
 
+@contextlib.contextmanager
+def tuning_decoder(model: LlavaForConditionalGeneration) -> Iterator[None]:
+    """Stages 2 and 3: projector and decoder train, the vision tower stays frozen and in float32;
+    afterwards the model is in eval mode with every parameter trainable again."""
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    model.train()
+    model.model.vision_tower.eval()
+    try:
+        with vision_in_float32(model):  # once for the whole loop, not per step
+            yield
+    finally:
+        model.eval()
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(True)
+
+
+def optimiser_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def instruction_tune(
     model: LlavaForConditionalGeneration, pixels: torch.Tensor, sampler: ExampleSampler, pad_id: int,
     config: WorldModelConfig, progress: bool = True,
@@ -803,17 +827,13 @@ def instruction_tune(
 
     Raises :class:`DecoderStalled` at ``config.stall_check_step`` when the decoder does not yet
     read shapes and colours on held-out scenes."""
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
-    model.train()
-    model.model.vision_tower.eval()
     recent: list[float] = []
     image_token_id = int(model.config.image_token_id)
     bf16 = use_bf16(config)
     bar = tqdm(range(config.steps), desc="instruction tuning", disable=not progress)
-    with vision_in_float32(model):  # once for the whole loop, not per step
+    with tuning_decoder(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
         for step in bar:
             if config.stall_check_step and step == config.stall_check_step:
                 # Train-split scenes past the ones trained on and past stage 1's held-out ones.
@@ -834,15 +854,9 @@ def instruction_tune(
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 answers = answer_loss(model, examples, pixels, pad_id, image_token_id)
             loss = answers.total / max(1.0, answers.weight_sum)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimiser_step(opt, params, loss)
             recent = (recent + [float(loss.detach())])[-20:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
-    model.eval()
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad_(True)
     return sum(recent) / max(1, len(recent))
 
 
@@ -853,19 +867,15 @@ def probe_tune(
     """Stage 3 (vision tower frozen), ``config.probe_steps`` steps of captions and POPE questions with
     the answer-position probes (see ``WorldModelConfig.probe_steps``); returns the mean POPE answer
     loss of the last 20 steps."""
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad_(False)
     probes = AnswerProbes(int(model.config.get_text_config().hidden_size))
     presence = kinds_present(cell_targets(sampler.scenes))
-    params = [p for p in model.parameters() if p.requires_grad] + list(probes.parameters())
-    opt = torch.optim.AdamW(params, lr=config.probe_lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
-    model.train()
-    model.model.vision_tower.eval()
     image_token_id = int(model.config.image_token_id)
     bf16 = use_bf16(config)
     recent: list[float] = []
     bar = tqdm(range(config.probe_steps), desc="POPE with answer probes", disable=not progress)
-    with vision_in_float32(model):
+    with tuning_decoder(model):
+        params = [p for p in model.parameters() if p.requires_grad] + list(probes.parameters())
+        opt = torch.optim.AdamW(params, lr=config.probe_lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
         for step in bar:
             for group in opt.param_groups:
                 done = (step - config.probe_warmup_steps) / max(1, config.probe_steps - config.probe_warmup_steps)
@@ -880,15 +890,9 @@ def probe_tune(
             pope = answered.total / max(1.0, answered.weight_sum)
             loss = (described.total / max(1.0, described.weight_sum) + config.probe_question_weight * pope
                     + config.answer_probe_weight * probes.loss(answered.states, questions, presence))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimiser_step(opt, params, loss)
             recent = (recent + [float(pope.detach())])[-20:]
             bar.set_postfix(pope_loss=f"{sum(recent) / len(recent):.3f}")
-    model.eval()
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad_(True)
     return sum(recent) / max(1, len(recent))
 
 
