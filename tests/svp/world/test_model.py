@@ -201,7 +201,8 @@ def test_shared_prefix_loss_equals_plain_forward(vlm):
 
 def test_stage_three_trains_projector_and_decoder_on_captions_and_pope_and_leaves_the_tower(vlm):
     scenes = generate_scenes("train", 16)
-    config = dataclasses.replace(WorldModelConfig.ci(), probe_steps=3, probe_captions=2, probe_questions=3)
+    config = dataclasses.replace(WorldModelConfig.ci(), probe_steps=3, probe_captions=2, probe_questions=3,
+                                 probe_base_share=0.5)
     sampler = ExampleSampler(scenes, PromptEncoder(vlm.processor), config)
     model = reinitialise_decoder(vlm.model, 7)  # a copy: the fixture's model stays as built
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
