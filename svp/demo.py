@@ -198,6 +198,7 @@ def demo_command(
     scale: str = typer.Option("full", help="ShapesWorld scale: 'full' (the demo) or 'ci' (seconds, for tests)."),
     seed: int | None = typer.Option(None, help="First seed of the ShapesWorld build (as `svp world build --seed`)."),
     precision: str = typer.Option("auto", help="Its stage-2 precision: auto, bf16 or float32."),
+    pope_steps: int | None = typer.Option(None, min=0, help="Its stage-3 steps (as `svp world build --pope-steps`)."),
     images: int = typer.Option(DEMO_IMAGES, min=1, help="Unlabelled images adapted on."),
     k: int = typer.Option(DEMO_K, min=1, help="Samples per image (K)."),
     top_ratio: float = typer.Option(DEMO_TOP_RATIO, help="Fraction of each image's samples kept."),
@@ -224,7 +225,7 @@ def demo_command(
 
     try:
         require_prerequisites()  # before a 20-minute world build, not after it
-        spec = scale_spec(scale, seed, precision)
+        spec = scale_spec(scale, seed, precision, pope_steps=pope_steps)
         if score not in get_args(ScoreName):
             raise ValueError(f"unknown score {score!r}; known: {', '.join(get_args(ScoreName))}")
     except (RuntimeError, ValueError) as exc:

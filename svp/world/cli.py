@@ -24,8 +24,8 @@ def build(
     threads: int | None = typer.Option(None, min=1, help="torch threads (speed only; default 2). One each when "
                                                          "two builds share a 2-core machine."),
     pope_steps: int | None = typer.Option(None, min=0, help="Stage 3 (POPE with answer-position probes) steps; "
-                                                            "default: the scale's (0 for full: off, see "
-                                                            "WorldModelConfig.probe_steps)."),
+                                                            "default: the scale's (600 for full; 0 turns it "
+                                                            "off, see WorldModelConfig.probe_steps)."),
 ) -> None:
     """Build (or reuse) the versioned data exports and the gated base VLM; prints where they are and the gate."""
     from svp.world.build import WorldGateError, ensure_world, scale_spec

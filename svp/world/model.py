@@ -31,10 +31,10 @@ Recipe, on the ``train`` split only:
      LLaVA's instruction data and :mod:`svp.training` render VQ pairs; the question before or after
      the image) -> short answers, their tokens weighted up in the second half of training.
 
-3. Optional, off by default: POPE beside captions. The decoder learns to answer "Is there a red
-   circle in the image?" with auxiliary heads at the answer position that give the question's kind
-   and the scene's kinds their own signals (stage 2 alone leaves POPE at chance); so far what POPE
-   gains the captions lose (see ``WorldModelConfig.probe_steps``).
+3. POPE beside captions. The decoder learns to answer "Is there a red circle in the image?" with
+   auxiliary heads at the answer position that give the question's kind and the scene's kinds
+   their own signals (stage 2 alone leaves POPE at chance); the captions pay a little for it (see
+   ``WorldModelConfig.probe_steps``).
 
 The budget (steps x batch) is deliberately small: the result is a real but imperfect describer,
 the kind of model SVP adapts.
@@ -208,7 +208,7 @@ class WorldModelConfig:
     presence answer also needs the conjunction "red AND circle" formed before it meets the image.
     Stage 3 forms it (``probe_steps``): probes at the answer position make the question's kind and
     the scene's kinds (gathered from this token) first-order targets."""
-    probe_steps: int = 0
+    probe_steps: int = 600
     probe_lr: float = 1e-3
     probe_lr_floor: float = 0.0
     probe_warmup_steps: int = 20
@@ -238,10 +238,9 @@ class WorldModelConfig:
     a quarter of the way) cost the captions what POPE gained too slowly: seed 0 failed the gate with
     all-boxed 0.780 and POPE 0.54.
 
-    Off (0) by default until full builds of several seeds confirm the last setting below. On seed 0
-    (bf16, 100 held-out gate scenes, stage 3 run on the stage-2 model of an empty-root build; stage 2
-    alone: all-boxed 0.886, recall 0.686, hallucination 0.120, POPE 0.50), what POPE gains costs the
-    captions:
+    On seed 0 (bf16, 100 held-out gate scenes, stage 3 run on the stage-2 model of an empty-root
+    build; stage 2 alone: all-boxed 0.886, recall 0.686, hallucination 0.120, POPE 0.50), what POPE
+    gains costs the captions, depending on the mix:
 
     - 600 steps, 16 captions + 16 questions, constant lr 1e-3 (a full build): POPE accuracy (lowest
       split) 0.795, AUC 0.873; all-boxed 0.780, recall 0.589, hallucination 0.228;
@@ -249,14 +248,15 @@ class WorldModelConfig:
     - 24 captions + 8 questions: POPE 0.640, AUC 0.672; all-boxed 0.856, recall 0.691, hallucination 0.155;
     - 16 + 16 as above, lr cosine, all captions grounded: POPE 0.714, AUC 0.790; all-boxed 0.869, recall
       0.576, hallucination 0.295;
-    - the same with a fifth of them base (``probe_base_share`` 0.2; these are the defaults): POPE 0.705,
-      AUC 0.815; all-boxed 0.873, recall 0.720, hallucination 0.167 — the gate passes with POPE above
-      0.65, yet hallucination is 0.05 above stage 2's. On the 300 test scenes: POPE F1 0.806 / 0.794 /
-      0.757 and accuracy 0.785 / 0.768 / 0.713 (random / popular / adversarial); recall 0.701,
-      hallucination 0.130, all-boxed 0.895 (stage 2 alone: 0.685, 0.093, 0.911). Not yet confirmed by
-      a full build or another seed.
+    - the same with a fifth of them base (``probe_base_share`` 0.2): POPE 0.705, AUC 0.815; all-boxed
+      0.873, recall 0.720, hallucination 0.167.
 
-    ``svp world build --pope-steps 600`` builds with it."""
+    The last is the default. Full builds from empty roots with it, 300 test scenes (POPE accuracy
+    random / popular / adversarial; the issue-21 note has every seed's row): seed 0 (bf16) POPE
+    0.881 / 0.864 / 0.841, F1 0.888 / 0.873 / 0.855; recall 0.648, hallucination 0.175, all-boxed
+    0.878 — stop 34's seed-0 build, stage 2 alone, on the same scenes: POPE 0.50, recall 0.685, hallucination 0.093, all-boxed
+    0.911. ``--pope-steps 0`` builds without it.
+    """
     threads: int = 2
     """torch threads: speed only — steps, data and schedule are the same for any count (float sums
     may round differently). Alone on a 2-core machine, stage 2 ran
@@ -591,10 +591,15 @@ PRESENCE_LOSS_WEIGHT = 5.0
 VISION_HELD_OUT_SCENES = 300
 
 
+def kind_index(shape: Any, colour: Any) -> Any:
+    """The class of (shape, colour) indices among the shapes x colours kinds: ints or tensors."""
+    return shape * len(COLOURS) + colour
+
+
 def kinds_present(targets: torch.Tensor) -> torch.Tensor:
     """[N, shapes x colours] multi-hot of the kinds in each scene, from :func:`cell_targets`."""
     occupied = targets[..., 0] == 1
-    kind = (targets[..., 1] * len(COLOURS) + targets[..., 2]).clamp(min=0)
+    kind = kind_index(targets[..., 1], targets[..., 2]).clamp(min=0)
     present = torch.zeros(targets.shape[0], len(SHAPES) * len(COLOURS))
     return present.scatter_add_(1, kind, occupied.float()).clamp(max=1.0)
 
@@ -602,7 +607,7 @@ def kinds_present(targets: torch.Tensor) -> torch.Tensor:
 def kind_class(kind: str) -> int:
     """A "colour shape" kind's class in :func:`kinds_present`'s order."""
     colour, shape = kind.split(" ")
-    return SHAPES.index(shape) * len(COLOURS) + list(COLOURS).index(colour)
+    return int(kind_index(SHAPES.index(shape), list(COLOURS).index(colour)))
 
 
 class AnswerProbes(torch.nn.Module):

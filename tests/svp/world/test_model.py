@@ -92,10 +92,11 @@ def test_build_options_change_only_what_they_name():
     from svp.world.build import scale_spec
 
     full = WorldModelConfig.full()
-    spec = scale_spec("full", seed=3, precision="float32", threads=1, pope_steps=600)
-    assert dataclasses.replace(spec.model, seed=0, bf16=None, threads=2, probe_steps=0) == full
-    assert (spec.model.seed, spec.model.bf16, spec.model.threads, spec.model.probe_steps) == (3, False, 1, 600)
-    assert scale_spec("full").model == full and full.probe_steps == 0  # stage 3 is off unless asked for
+    spec = scale_spec("full", seed=3, precision="float32", threads=1, pope_steps=300)
+    assert dataclasses.replace(spec.model, seed=0, bf16=None, threads=2, probe_steps=600) == full
+    assert (spec.model.seed, spec.model.bf16, spec.model.threads, spec.model.probe_steps) == (3, False, 1, 300)
+    assert scale_spec("full").model == full and full.probe_steps == 600  # stage 3 is on unless turned off
+    assert scale_spec("full", pope_steps=0).model == dataclasses.replace(full, probe_steps=0)
     assert scale_spec("ci").model.probe_steps == WorldModelConfig.ci().probe_steps > 0  # CI runs it
 
 
@@ -127,14 +128,16 @@ def test_gate_refuses_a_model_that_names_one_shape_for_everything():
     assert top_shape_share(collapsed[:2]) == 1.0 and top_shape_share(["In the image, at the image,"]) == 0.0
     thresholds = GateThresholds()
     sound = {"readout_shape": 0.97, "readout_colour": 0.999, "all_boxed": 0.92, "recall": 0.6,
-             "hallucination": 0.1, "top_shape_share": 0.3, "pope_accuracy_min": 0.7}
+             "hallucination": 0.1, "top_shape_share": 0.3, "pope_accuracy_min": 0.7,
+             "pope_auc_min": 0.8}
     assert gate_failures(sound, thresholds) == []
     failures = gate_failures({**sound, "top_shape_share": 1.0, "readout_shape": 0.25}, thresholds)
     assert [f.split()[0] for f in failures] == ["readout_shape", "top_shape_share"]
     table = gate_table({**sound, "top_shape_share": 1.0}, thresholds)
     assert "top_shape_share" in table and "FAIL" in table and table.count("pass") == len(sound) - 2
-    # POPE is reported, not gated (the recipe does not teach it yet)
-    assert gate_failures({**sound, "pope_accuracy_min": 0.3}, thresholds) == [] and "(reported)" in table
+    # POPE accuracy is gated (stage 3 teaches it); its margin's AUC is reported only
+    assert gate_failures({**sound, "pope_accuracy_min": 0.5}, thresholds) == ["pope_accuracy_min 0.500 (needs >= 0.65)"]
+    assert gate_failures({**sound, "pope_auc_min": 0.5}, thresholds) == [] and "(reported)" in table
 
 
 def test_training_inputs_are_what_inference_builds(vlm):
