@@ -154,12 +154,13 @@ class WorldModelConfig:
     What the decoder makes of it (seed 4, bf16, stage 2 alone, 300 test scenes, every object boxed):
     kind recall 0.911 on the clean images but 0.64 with every object blurred so (a lone "small green
     diamond", boxed and labelled, captioned "a small green square"), and 0.27 (chance: 0.25) when each
-    is drawn as the same blurred circle whatever its shape (a lab variant). The decoder reads shapes from
-    the image and does not copy them from the context: all-boxed accuracy is its reading accuracy,
-    which is why it varies with the seed (0.76-0.90 at the gate, seeds 0-4). Neither drawing the obscured
-    objects shape-free (clean 0.926, shape-free 0.27) nor weighting their shape words 8x (from step
-    0 the decoder stalled at every restart; from mid-stage 2: clean 0.893, shape-free 0.30) taught
-    the copy in stage 2's budget."""
+    is drawn as the same blurred circle whatever its shape (a lab variant). So this decoder reads shapes
+    from the image and does not copy them from the context. One seed was measured; if the others are
+    alike, all-boxed accuracy is reading accuracy, which would explain why it varies with the seed
+    (0.76-0.90 at the gate, seeds 0-4). In single runs on that seed, neither drawing the obscured objects
+    shape-free (clean 0.926, shape-free 0.27) nor weighting their shape words 8x (from step 0 the
+    decoder stalled at every restart; from mid-stage 2: clean 0.893, shape-free 0.30) taught the copy
+    in stage 2's budget."""
     busy_scene_objects: int = 3
     omit_small_in_busy: float = 0.8
     """Probability that a ``base`` training caption of a scene with at least ``busy_scene_objects``
