@@ -5,7 +5,7 @@
   hallucination, POPE on its three negative-sampling splits (read from the answers, as POPE does, and
   the AUC of the yes-versus-no margin of the first answer token), REG CIDEr, counting accuracy, and
   optionally the grounded-context check (every object boxed in ``<context>``, how many of the
-  boxed objects the caption gets right).
+  boxed objects the caption gets right, on the clean image and with every shape made unreadable).
 - :func:`evaluate_coco` — the same captioning and object metrics on real data: a directory of
   images and a COCO captions file (+ an optional COCO instances file for the object metrics).
 
@@ -31,7 +31,7 @@ from svp.grounding import render_context
 from svp.models.loading import LoadedVLM
 from svp.world.language import mentioned_objects, reference_captions
 from svp.world.probes import POPE_STRATEGIES, count_questions, pope_questions, region_items
-from svp.world.scenes import Scene, generate_scenes
+from svp.world.scenes import Scene, generate_scenes, obscure_shapes
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,20 @@ def evaluate_world(
             )
             results["objects"] = object_scores(by_id, truths, mentioned_objects)
         if "grounded" in tasks:
-            caps = caption_images(vlm, list(images.values()), [all_boxed_context(s) for s in scenes], options,
-                                  desc="grounded captions")
+            contexts = [all_boxed_context(s) for s in scenes]
+            caps = caption_images(vlm, list(images.values()), contexts, options, desc="grounded captions")
             texts["grounded"] = caps
             scores = object_scores(dict(zip(images, caps, strict=True)), truths, mentioned_objects)
+            # The same prompts on images whose every shape is unreadable: what the caption gets right
+            # now came from the context. Clean images cannot tell copying from reading.
+            hidden = [Image.fromarray(obscure_shapes(s, s.objects, shape_free=True)) for s in scenes]
+            caps = caption_images(vlm, hidden, contexts, options, desc="grounded captions, shapes hidden")
+            texts["grounded_shapes_hidden"] = caps
+            hidden_scores = object_scores(dict(zip(images, caps, strict=True)), truths, mentioned_objects)
             results["grounded_all_boxed"] = {
                 "boxed_object_accuracy": scores["object_recall"],
                 "hallucination_rate": scores["hallucination_rate"],
+                "shapes_hidden_accuracy": hidden_scores["object_recall"],
             }
         if "pope" in tasks:
             for strategy in POPE_STRATEGIES:

@@ -7,7 +7,8 @@ from the test split the demo reports on):
 
 - stage 1's held-out read-out of shape and colour (from :class:`svp.world.model.VisionReport`);
 - ``all_boxed``: with every object boxed in ``<context>``, the share of boxed objects the greedy
-  caption gets right — whether the model uses its grounding, which is what SVP relies on;
+  caption gets right; ``all_boxed_shapes_hidden``: the same with every shape unreadable in the
+  image, so only what the model takes from its grounding — what SVP relies on — counts;
 - base-prompt object recall and hallucination rate;
 - ``top_shape_share``: the share of the most frequent shape word among all mentions — a collapsed
   model names one shape for everything;
@@ -34,6 +35,7 @@ class GateThresholds:
     min_readout: dict[str, float] = field(default_factory=lambda: {"shape": 0.85, "colour": 0.95})
     """Stage 1's held-out read-out, checked before stage 2 starts."""
     min_all_boxed: float = 0.85
+    min_all_boxed_shapes_hidden: float | None = None
     min_recall: float = 0.35
     max_hallucination: float = 0.35
     max_top_shape_share: float = 0.6
@@ -46,6 +48,7 @@ class GateThresholds:
         return {
             **{f"readout_{k}": (">=", v) for k, v in self.min_readout.items()},
             "all_boxed": (">=", self.min_all_boxed),
+            "all_boxed_shapes_hidden": (">=", self.min_all_boxed_shapes_hidden),
             "recall": (">=", self.min_recall),
             "hallucination": ("<=", self.max_hallucination),
             "top_shape_share": ("<=", self.max_top_shape_share),
@@ -73,6 +76,7 @@ def measure_gate(model_dir: str | Path, thresholds: GateThresholds, start: int, 
                                     start=start)
     return {
         "all_boxed": results["grounded_all_boxed"]["boxed_object_accuracy"],
+        "all_boxed_shapes_hidden": results["grounded_all_boxed"]["shapes_hidden_accuracy"],
         "recall": results["objects"]["object_recall"],
         "hallucination": results["objects"]["hallucination_rate"],
         "top_shape_share": top_shape_share(texts["caption"] + texts["grounded"]),
@@ -94,13 +98,13 @@ def gate_failures(metrics: Metrics, thresholds: GateThresholds) -> list[str]:
 
 def gate_table(metrics: Metrics, thresholds: GateThresholds) -> str:
     """The gate as a plain-text table: metric, value, bound, pass/FAIL."""
-    lines = [f"{'gate metric':<20}{'value':>8}  {'bound':<8}  ", "-" * 44]
+    lines = [f"{'gate metric':<24}{'value':>8}  {'bound':<8}  ", "-" * 48]
     for name, (op, bound) in thresholds.bounds().items():
         if name not in metrics:
             continue
         if bound is None:
-            lines.append(f"{name:<20}{metrics[name]:>8.3f}  {'':<8}  (reported)")
+            lines.append(f"{name:<24}{metrics[name]:>8.3f}  {'':<8}  (reported)")
             continue
         ok = not gate_failures({name: metrics[name]}, thresholds)
-        lines.append(f"{name:<20}{metrics[name]:>8.3f}  {op} {bound:<5}  {'pass' if ok else 'FAIL'}")
+        lines.append(f"{name:<24}{metrics[name]:>8.3f}  {op} {bound:<5}  {'pass' if ok else 'FAIL'}")
     return "\n".join(lines)

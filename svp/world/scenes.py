@@ -20,11 +20,13 @@ The same ``(split, index, world_seed)`` always gives identical PNG bytes.
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 Split = Literal["train", "unlabelled", "test"]
 SPLITS: tuple[Split, ...] = ("train", "unlabelled", "test")
@@ -243,6 +245,21 @@ def render_scene(scene: Scene) -> Image.Image:
     noise_rng = np.random.default_rng(scene_seed(scene.split, scene.index, scene.world_seed).spawn(1)[0])
     canvas += noise_rng.normal(0.0, NOISE_STD, size=canvas.shape)
     return Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), mode="RGB")
+
+
+def obscure_shapes(scene: Scene, objects: Sequence[SceneObject], shape_free: bool = False) -> np.ndarray:
+    """The scene's pixels [H, W, 3] with each of ``objects`` blurred over its cell: where it is,
+    roughly how large and what colour stay visible, its outline does not (a thing too small or
+    blurry for the model to make out, that a detector still names). A blurred outline still hints at
+    the shape; ``shape_free`` first redraws each as a circle, so its pixels are the same whatever its shape."""
+    if shape_free:
+        scene = replace(scene, objects=tuple(replace(o, shape="circle") if o in objects else o for o in scene.objects))
+    pixels = np.asarray(scene.render(), dtype=np.float64).copy()
+    for o in objects:
+        row, col = o.cell
+        cell = pixels[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
+        cell[:] = ndimage.gaussian_filter(cell, sigma=(o.side / 3, o.side / 3, 0), mode="nearest")
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 def generate_scenes(split: str, n: int, start: int = 0, world_seed: int = 0) -> list[Scene]:

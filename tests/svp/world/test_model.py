@@ -27,7 +27,6 @@ from svp.world.model import (
     kind_class,
     kinds_present,
     lr_factor,
-    obscure_shapes,
     pixel_tensor,
     prefix_length,
     probe_tune,
@@ -39,7 +38,7 @@ from svp.world.model import (
     vision_in_float32,
 )
 from svp.world.premise import premise_check
-from svp.world.scenes import generate_scene, generate_scenes
+from svp.world.scenes import SHAPES, generate_scene, generate_scenes, obscure_shapes
 
 FAST = EvalOptions(batch_size=8, caption_tokens=24, answer_tokens=6, meteor=False, progress=False)
 
@@ -158,7 +157,7 @@ def test_shared_prefix_loss_equals_plain_forward(vlm):
     encoder = PromptEncoder(vlm.processor)
     config = dataclasses.replace(WorldModelConfig.ci(), obscured_boxed_ratio=1.0, probe_question_first=0.5)
     sampler = ExampleSampler(scenes, encoder, config)
-    examples = [sampler.sample() for _ in range(16)]
+    examples = [sampler.sample() for _ in range(40)]
     # the mix holds every prompt family, and some grounded examples come with an edited image
     assert any(not isinstance(e.image, int) for e in examples)
     # some probes put the question before the image (their own shared prefix)
@@ -232,7 +231,7 @@ def test_early_stage_two_draws_simple_scenes_and_asks_some_captions_without_syst
     scenes = generate_scenes("train", 200)
     encoder = PromptEncoder(vlm.processor)
     config = dataclasses.replace(WorldModelConfig.ci(), obscured_boxed_ratio=0.0, simple_scene_steps=100,
-                                 simple_scene_objects=2, bare_caption_share=0.5,
+                                 simple_scene_objects=2, bare_caption_share=0.5, bare_grounded_share=0.5,
                                  task_weights=(("base", 0.5), ("grounded", 0.3), ("reg", 0.2)))
     sampler = ExampleSampler(scenes, encoder, config)
     system_prompted = encoder.prompt_ids(build_messages("base"))
@@ -247,6 +246,16 @@ def test_early_stage_two_draws_simple_scenes_and_asks_some_captions_without_syst
     base_prompts = [e.prompt for e in early if e.prompt in (system_prompted, bare)]
     assert 0.35 < sum(p == bare for p in base_prompts) / len(base_prompts) < 0.65
     assert prefix_length(bare, vlm.image_token_id) < prefix_length(system_prompted, vlm.image_token_id) / 10
+    # grounded captions too: half behind the grounded system prompt, half the same user turn alone
+    grounded_system = encoder.prompt_ids(build_messages("grounded"))
+    system_length = prefix_length(grounded_system, vlm.image_token_id)
+    context_id = vlm.tokenizer.convert_tokens_to_ids("context")
+    grounded = [e.prompt for e in early if context_id in e.prompt[prefix_length(e.prompt, vlm.image_token_id):]]
+    bare_grounded = [p for p in grounded if prefix_length(p, vlm.image_token_id) == prefix_length(bare, vlm.image_token_id)]
+    assert all(p[:system_length] == grounded_system[:system_length] for p in grounded if p not in bare_grounded)
+    assert 0.35 < len(bare_grounded) / len(grounded) < 0.65
+    assert all(p[:prefix_length(p, vlm.image_token_id)] == bare[:prefix_length(bare, vlm.image_token_id)]
+               for p in bare_grounded)
     assert max(len(scenes[e.image].objects) for e in draw(100)) > 2  # then every scene
 
 
@@ -402,6 +411,21 @@ def test_obscured_objects_keep_their_place_and_lose_their_outline():
     assert shapes_right / n <= 0.5  # the outline no longer tells the shape (the clean detector gets 100 %)
 
 
+def test_shape_free_obscuring_leaves_nothing_of_the_shape():
+    import numpy as np
+
+    for scene in generate_scenes("train", 10):
+        hidden = scene.objects[0]
+        for shape in SHAPES:  # the same scene (same noise) with the hidden object's shape changed
+            variant = dataclasses.replace(scene, objects=(dataclasses.replace(hidden, shape=shape), *scene.objects[1:]))
+            assert np.array_equal(obscure_shapes(variant, [variant.objects[0]], shape_free=True),
+                                  obscure_shapes(scene, [hidden], shape_free=True))
+        # a blurred outline alone still differs with the shape
+        other = next(s for s in SHAPES if s != hidden.shape)
+        variant = dataclasses.replace(scene, objects=(dataclasses.replace(hidden, shape=other), *scene.objects[1:]))
+        assert not np.array_equal(obscure_shapes(variant, [variant.objects[0]]), obscure_shapes(scene, [hidden]))
+
+
 def test_vision_path_stays_float32_under_bfloat16_autocast(vlm):
     model = vlm.model
     pixels = torch.randn(2, 3, 96, 96)
@@ -445,6 +469,8 @@ def test_evaluation_suite_and_premise_run_on_the_model(vlm):
     assert 0.0 <= results["objects"]["object_recall"] <= 1.0
     assert all(0.0 <= results[f"pope_{s}"]["yes_margin_auc"] <= 1.0 for s in ("random", "popular", "adversarial"))
     assert len(texts["caption"]) == 3
+    assert set(results["grounded_all_boxed"]) == {"boxed_object_accuracy", "hallucination_rate", "shapes_hidden_accuracy"}
+    assert len(texts["grounded_shapes_hidden"]) == 3
     premise = premise_check(vlm, n_scenes=2, k=2, options=FAST)
     assert premise["grounding"]["samples"] == 4.0
     assert set(premise["prior"]) == set(premise["grounded"])
