@@ -158,18 +158,20 @@ class WorldModelConfig:
     than what the change moved."""
     obscured_boxed_ratio: float = 0.5
     """Share of grounded examples whose boxed objects keep colour, size and place in the image but
-    lose their outline (blurred over their cell): the shape can only be read from the context.
+    lose their outline (blurred over their cell): the shape is best read from the context.
 
-    What the decoder makes of it (seed 4, bf16, stage 2 alone, 300 test scenes, every object boxed):
-    kind recall 0.911 on the clean images but 0.64 with every object blurred so (a lone "small green
-    diamond", boxed and labelled, captioned "a small green square"), and 0.27 (chance: 0.25) when each
-    is drawn as the same blurred circle whatever its shape (a lab variant). So this decoder reads shapes
-    from the image and does not copy them from the context. One seed was measured; if the others are
-    alike, all-boxed accuracy is reading accuracy, which would explain why it varies with the seed
-    (0.76-0.90 at the gate, seeds 0-4). In single runs on that seed, neither drawing the obscured objects
-    shape-free (clean 0.926, shape-free 0.27) nor weighting their shape words 8x (from step 0 the
-    decoder stalled at every restart; from mid-stage 2: clean 0.893, shape-free 0.30) taught the copy
-    in stage 2's budget."""
+    Whether the decoder copies from its context shows in ``svp eval``'s all-boxed accuracy with every
+    shape unreadable (``shapes_hidden_accuracy``; chance 0.25). Seed 4, bf16, stage 2 alone, 300 test
+    scenes, one run each:
+
+    - every grounded example behind the system prompt: 0.27 (clean all-boxed 0.911) — it read shapes
+      from the image only (a lone boxed "small green diamond", blurred, captioned "square"); neither
+      shape-free obscuring (0.27) nor shape words weighted 8x (0.30; from step 0 the decoder stalled)
+      changed that;
+    - half of them in a bare turn (``bare_grounded_share``): 0.766 (clean 0.930);
+    - the same with obscured objects drawn shape-free (``obscure_shapes(shape_free=True)``): 0.291
+      (clean 0.919). The copy formed in one run and not in the other: in stage 2's budget it is
+      learned or not by chance, so the blurred outline, which gave the run that copied, stays."""
     busy_scene_objects: int = 3
     omit_small_in_busy: float = 0.8
     """Probability that a ``base`` training caption of a scene with at least ``busy_scene_objects``
