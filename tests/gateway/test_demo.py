@@ -1,7 +1,7 @@
 """``svp demo`` end to end on the seconds-scale ShapesWorld build: the stack starts, two rounds run
 through the REST API (the second samples from the first's adapter), base and adapted models are evaluated, and the report, plots and table appear.
-The rounds also adapt the projector (``--train-projector``): its adapters, which carry a whole
-trained projector beside the LoRA weights, are served, continued and evaluated like the others."""
+By default the rounds verify their grounded samples and also adapt the projector: its adapters, which
+carry a whole trained projector beside the LoRA weights, are served, continued and evaluated like the others."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_demo_runs_two_rounds_and_reports_base_vs_svp(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "svp.cli", "demo", "--scale", "ci", "--world-root", str(tmp_path / "world"),
          "--work-dir", str(work), "--images", "8", "--test-scenes", "8", "--k", "2", "--max-new-tokens", "32", "--rounds", "2",
-         "--temperature", "0.7", "--train-projector"],
+         "--temperature", "0.7"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -39,7 +39,7 @@ def test_demo_runs_two_rounds_and_reports_base_vs_svp(tmp_path: Path) -> None:
     assert run["state"] == "succeeded" and [r["images_done"] for r in run["rounds"]] == [8, 8]
     assert run["config"]["temperature"] == 0.7 and run["config"]["score"] == "delta"  # the demo's default score
     assert [r["adapter"] for r in run["rounds"]] == [f"run-{run['id']}-r1", f"run-{run['id']}-r2"]
-    assert run["config"]["training"]["train_projector"] is True
+    assert run["config"]["training"]["train_projector"] is True and run["config"]["verify"] is True  # the defaults
     adapters = work / "artifacts" / "adapters"
     for r in run["rounds"]:
         adapter_config = json.loads((adapters / r["adapter"] / "adapter_config.json").read_text())
