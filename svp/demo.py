@@ -192,7 +192,8 @@ def stack_spec(work_dir: Path, data_root: Path, artifact_root: Path, model: Path
 # every added hallucination is a wrong shape of a colour that is there). The projector adapted too:
 # +0.126 / +0.016 [-0.009, 0.040]; two rounds +0.136 / -0.005; three +0.136 / -0.022 [-0.048, 0.005],
 # POPE F1 down 0.02-0.04 (14 min). Seed 4's build (float32), three rounds: +0.138 / -0.023 [-0.053,
-# 0.008]. Hallucination falls round by round but not yet beyond its interval on 300 scenes.
+# 0.008]. Hallucination falls round by round but not yet beyond its interval on 300 scenes; 600
+# images instead of 300 (seed 1, three rounds, 28 min) did not get it there: +0.069 / -0.016.
 DEMO_ROUNDS = 3
 DEMO_IMAGES = 300
 DEMO_K = 8
