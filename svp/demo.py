@@ -187,10 +187,10 @@ def stack_spec(work_dir: Path, data_root: Path, artifact_root: Path, model: Path
 # Three rounds, verify on, projector adapted: what one round of the paper's recipe cannot show. On
 # seed 1's build (bf16; 300 test scenes, SVP - base with 95 % intervals) one round raised recall but
 # hallucination too: +0.127 / +0.029 [0.005, 0.053] (the paper's selection), +0.109 / +0.041
-# (verify: its selected samples hallucinate 0.000 against the grounded samples' 0.219, yet the LoRA
-# learns to name the small objects of crowded scenes, recall 0.43 -> 0.77, not to read their shapes:
-# every added hallucination is a wrong shape of a colour that is there). The projector adapted too:
-# +0.126 / +0.016 [-0.009, 0.040]; two rounds +0.136 / -0.005; three +0.136 / -0.022 [-0.048, 0.005],
+# (verify: its selected samples hallucinate 0.000 against the grounded samples' 0.219). The projector
+# adapted too: +0.126 / +0.016 [-0.009, 0.040] — that adapter names the small objects of crowded
+# scenes (their recall 0.43 -> 0.77) without reading their shapes: each of its 113 hallucinated
+# mentions (base: 84) is a wrong shape of a colour that is there. Two rounds +0.136 / -0.005; three +0.136 / -0.022 [-0.048, 0.005],
 # POPE F1 down 0.02-0.04 (14 min). Seed 4's build (float32), three rounds: +0.138 / -0.023 [-0.053,
 # 0.008]. Hallucination falls round by round but not yet beyond its interval on 300 scenes; 600
 # images instead of 300 (seed 1, three rounds, 28 min) did not get it there: +0.069 / -0.016.
