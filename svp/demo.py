@@ -209,7 +209,7 @@ def demo_command(
     world_root: Path | None = typer.Option(None, envvar="SVP_WORLD_ROOT", help="ShapesWorld cache (built if missing)."),
     scale: str = typer.Option("full", help="ShapesWorld scale: 'full' (the demo) or 'ci' (seconds, for tests)."),
     seed: int | None = typer.Option(None, help="First seed of the ShapesWorld build (as `svp world build --seed`)."),
-    precision: str = typer.Option("auto", help="Its stage-2 precision: auto, bf16 or float32."),
+    precision: str = typer.Option("float32", help="Its decoder's precision: float32 or bf16."),
     pope_steps: int | None = typer.Option(None, min=0, help="Its stage-3 steps (as `svp world build --pope-steps`)."),
     images: int = typer.Option(DEMO_IMAGES, min=1, help="Unlabelled images adapted on."),
     k: int = typer.Option(DEMO_K, min=1, help="Samples per image (K)."),

@@ -67,10 +67,10 @@ SCALES: dict[str, WorldScale] = {
 }
 
 
-PRECISIONS = {"auto": None, "bf16": True, "float32": False}
+PRECISIONS = {"float32": False, "bf16": True}
 
 
-def scale_spec(scale: str, seed: int | None = None, precision: str = "auto", threads: int | None = None,
+def scale_spec(scale: str, seed: int | None = None, precision: str = "float32", threads: int | None = None,
                pope_steps: int | None = None) -> WorldScale:
     """The named scale with another first seed, stage-2 precision, thread count and/or stage-3 length
     (``svp world build`` and ``svp demo`` options)."""

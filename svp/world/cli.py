@@ -19,8 +19,8 @@ def build(
     scale: str = typer.Option("full", help="'full' (the base VLM, <= 20 min on 2 CPU cores) or 'ci' (seconds)."),
     force: bool = typer.Option(False, help="Rebuild even when a matching build exists."),
     seed: int | None = typer.Option(None, help="First seed of the build (default: the scale's, 0)."),
-    precision: str = typer.Option("auto", help="Stage 2's decoder: 'auto' (bfloat16 where the CPU has it natively), "
-                                               "'bf16' or 'float32'."),
+    precision: str = typer.Option("float32", help="The decoder's precision in stages 2 and 3: 'float32' or 'bf16' "
+                                                  "(autocast; slower on the CPUs measured, see WorldModelConfig.bf16)."),
     threads: int | None = typer.Option(None, min=1, help="torch threads (speed only; default 2). One each when "
                                                          "two builds share a 2-core machine."),
     pope_steps: int | None = typer.Option(None, min=0, help="Stage 3 (POPE with answer-position probes) steps; "

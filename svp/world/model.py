@@ -143,10 +143,14 @@ class WorldModelConfig:
         )
     )
     """:class:`svp.models.tiny.TinySizes` overrides."""
-    bf16: bool | None = None
+    bf16: bool = False
     """bfloat16 autocast for the decoder's matmuls (float32 weights and optimiser; the vision path
-    stays float32). ``None``: where the CPU computes bfloat16 natively, ~1.5x faster there; on a
-    CPU without it (AVX2 only) bfloat16 is emulated and ~15x slower than float32."""
+    stays float32). Off by default: on both CPUs with native bfloat16 it was measured on, a model
+    this small trains faster in float32. bench/bench_world_build.py on a 2-core Intel Xeon with AMX,
+    stage 2 at s/step: float32 0.587 (one pass per prompt) and 0.490 (length passes), bf16 0.796 and
+    0.870-0.975; on a 2-core AMD EPYC with avx512_bf16, whole builds ran stage 2 at 1.38-1.51 it/s
+    in float32 and 1.19-1.25 in bf16. On a CPU without it (AVX2 only) bfloat16 is emulated and ~15x
+    slower than float32."""
     full_context_share: float = 0.6
     """Share of grounded examples with every object boxed (the rest: a random subset, a few none).
     With every object boxed, a model that misses gets one sentence's phrase wrong by repeating the one
@@ -247,13 +251,18 @@ class WorldModelConfig:
     probe_captions: int = 16
     probe_base_share: float = 0.2
     probe_questions: int = 16
+    probe_counts: int = 4
+    """Count questions ("How many objects ...") among stage 3's captions, their answer tokens weighted
+    as in stage 2 (``token_weights``). Without them stage 3 taught every question a yes/no answer:
+    counting accuracy was 0.000 on 300 test scenes in every full build (seeds 0-4), the model
+    answering "Yes" or "No" to "How many ...?"."""
     probe_question_weight: float = 6.0
     answer_probe_layer: int = 2
     answer_probe_weight: float = 1.0
     """Stage 3, POPE with answer-position probes: ``probe_steps`` steps (``probe_lr`` after its warm-up,
     cosine down to ``probe_lr_floor`` x ``probe_lr``) of ``probe_captions`` caption examples (a
-    ``probe_base_share`` of them base, the rest grounded, as stage 2 draws them) and
-    ``probe_questions`` POPE questions, whose mean answer loss weighs ``probe_question_weight`` (the
+    ``probe_base_share`` of them base, the rest grounded, as stage 2 draws them; with them
+    ``probe_counts`` count questions) and ``probe_questions`` POPE questions, whose mean answer loss weighs ``probe_question_weight`` (the
     mean runs over the yes/no word and its end-of-turn token: 6 puts 3 on the word). Beside
     it, auxiliary heads on the decoder's state after layer ``answer_probe_layer`` at each question's
     answer position (its last prompt token) — trained with weight ``answer_probe_weight``, then
@@ -534,6 +543,29 @@ class AnswerLoss(NamedTuple):
     prompt token (the position that predicts its first answer token), in the examples' order."""
 
 
+PASS_OVERHEAD_TOKENS = 256
+"""What one more forward and backward pass costs, in padded tokens (bench/bench_world_build.py): the
+fixed cost :func:`length_chunks` weighs against the padding a split saves."""
+
+
+def length_chunks(lengths: list[int], overhead: int) -> list[list[int]]:
+    """Indices of ``lengths`` split into passes of similar length, minimising padded tokens
+    (rows x longest) plus ``overhead`` per pass. Right-padding a batch to its longest row nearly
+    doubled stage 2's tokens: a bare turn holds 20-token probes beside 150-token grounded captions."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    # best[j]: the cheapest split of the j shortest; cut[j]: where its last pass starts
+    best = [0] + [0] * len(order)
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        best[j], cut[j] = min((best[i] + (j - i) * lengths[order[j - 1]] + overhead, i) for i in range(j))
+    chunks: list[list[int]] = []
+    j = len(order)
+    while j:
+        chunks.append(order[cut[j]:j])
+        j = cut[j]
+    return chunks[::-1]
+
+
 def answer_loss(
     model: LlavaForConditionalGeneration,
     examples: list[Example],
@@ -541,6 +573,7 @@ def answer_loss(
     pad_id: int,
     image_token_id: int,
     state_layer: int | None = None,
+    pass_overhead_tokens: int = PASS_OVERHEAD_TOKENS,
 ) -> AnswerLoss:
     """Weighted sum of the cross-entropy of the answer tokens of ``examples`` and the sum of the weights
     (each token carries its example's ``weight``); with ``state_layer``, also the states at the answer
@@ -548,8 +581,9 @@ def answer_loss(
 
     Exactly the loss of a plain right-padded forward pass, computed faster: examples that share
     the text before the image (same system prompt; see :func:`shared_prefix`) are run together, and
-    that shared prefix — up to 160 tokens of Appendix F system prompt — is run once, its key/value
-    cache repeated over the group (gradients flow through it), instead of once per example.
+    that shared prefix — up to 160 tokens of Appendix F system prompt — is run once per pass, its
+    key/value cache repeated over the pass's rows (gradients flow through it), instead of once per
+    example; a group's rows go in passes of similar length (:func:`length_chunks`).
     """
     groups: dict[tuple[int, ...], list[int]] = {}
     for n, ex in enumerate(examples):
@@ -557,7 +591,13 @@ def answer_loss(
     total = torch.zeros(())
     weight_sum = 0.0
     states: list[torch.Tensor | None] = [None] * len(examples)
-    for prefix, members in groups.items():
+    passes = [
+        (prefix, [members[i] for i in chunk])
+        for prefix, members in groups.items()
+        for chunk in length_chunks([len(examples[n].prompt) + len(examples[n].answer) - len(prefix) for n in members],
+                                   len(prefix) + pass_overhead_tokens)
+    ]
+    for prefix, members in passes:
         group = [examples[n] for n in members]
         rows, p = len(group), len(prefix)
         cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
@@ -772,23 +812,16 @@ def native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def use_bf16(config: WorldModelConfig) -> bool:
-    """The configured choice, or (``None``) whether oneDNN runs bfloat16 natively on this CPU."""
-    if config.bf16 is not None:
-        return config.bf16
-    return native_bf16()
-
-
 def bf16_emulation_warning(config: WorldModelConfig) -> str | None:
     """Why a build that asks for bfloat16 on a CPU without it natively will be slow, or ``None``.
     bfloat16 is a valid configuration there (a build is a function of its configuration, so a bf16
     build can be reproduced on any CPU), but oneDNN emulates it: on an AVX2-only AMD EPYC, stage 2 of
     a seed-0 build forced to bf16 ran 9.9 s a step (one thread); in float32 it ran 0.8 s (two threads)."""
-    if config.bf16 is not True or native_bf16():
+    if not config.bf16 or native_bf16():
         return None
     return (f"bfloat16 was asked for, but this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native "
             "bfloat16: it is emulated, many times slower than float32 (stage 2 alone can take hours). "
-            "--precision auto or float32 builds in minutes here.")
+            "--precision float32 builds in minutes here.")
 
 
 def lr_factor(progress: float, step: int, warmup_steps: int, floor: float = 0.1) -> float:
@@ -874,7 +907,7 @@ def instruction_tune(
     read shapes and colours on held-out scenes."""
     recent: list[float] = []
     image_token_id = int(model.config.image_token_id)
-    bf16 = use_bf16(config)
+    bf16 = config.bf16
     bar = tqdm(range(config.steps), desc="instruction tuning", disable=not progress)
     with tuning_decoder(model):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -915,7 +948,7 @@ def probe_tune(
     probes = AnswerProbes(int(model.config.get_text_config().hidden_size))
     presence = kinds_present(cell_targets(sampler.scenes))
     image_token_id = int(model.config.image_token_id)
-    bf16 = use_bf16(config)
+    bf16 = config.bf16
     recent: list[float] = []
     bar = tqdm(range(config.probe_steps), desc="POPE with answer probes", disable=not progress)
     with tuning_decoder(model):
@@ -927,6 +960,8 @@ def probe_tune(
                 group["lr"] = config.probe_lr * lr_factor(done, step, config.probe_warmup_steps, config.probe_lr_floor)
             captions = [sampler.sample_task("base" if sampler.rng.random() < config.probe_base_share else "grounded")
                         for _ in range(config.probe_captions)]
+            captions += [dataclasses.replace(sampler.sample_task("count"), weight=sampler.token_weights.get("count", 1.0))
+                         for _ in range(config.probe_counts)]
             questions = [sampler.sample_task("pope") for _ in range(config.probe_questions)]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 described = answer_loss(model, captions, pixels, pad_id, image_token_id)
@@ -994,7 +1029,7 @@ def build_environment(config: WorldModelConfig) -> dict[str, Any]:
     model_name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
                       platform.processor())
     return {
-        "precision": "bfloat16 autocast (decoder)" if use_bf16(config) else "float32",
+        "precision": "bfloat16 autocast (decoder)" if config.bf16 else "float32",
         "threads": config.threads,
         "cpu": model_name,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
