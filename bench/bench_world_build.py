@@ -65,8 +65,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = world_model.WorldModelConfig.full()
-    # simple_scene_steps 0: full-length captions from the first step, as in most of stage 2
-    config = dataclasses.replace(base, steps=args.steps, simple_scene_steps=0, stall_check_step=0, train_scenes=600)
+    # the task mix with full-length captions from the first step, as in most of stage 2
+    config = dataclasses.replace(base, steps=args.steps, copy_steps=0, simple_scene_steps=0, stall_check_step=0,
+                                 train_scenes=600)
     precisions = {"float32": False, **({"bf16": True} if world_model.native_bf16() else {})}
     overheads = {"one pass per prompt": ONE_PASS,
                  **{f"length passes ({o} tokens)": o for o in sorted({world_model.PASS_OVERHEAD_TOKENS, *args.overheads})}}

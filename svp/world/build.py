@@ -8,6 +8,7 @@ seconds-scale configuration the tests use)::
     data/test/         held-out scenes with ground truth, references and probes
     model/             the base VLM (save_pretrained: config, safetensors, processor, tokenizer)
                        + train_report.json (parameters, losses, read-out, seconds, environment, config)
+    failed-attempts/   seed-<n>/: a model that trained but failed the gate (kept for inspection)
     build.json         what was built with which configuration, what ran (steps, precision,
                        threads, versions, CPU flags), every attempt and the gate; written last
 
@@ -39,6 +40,8 @@ from svp.world.scenes import generate_scenes
 log = logging.getLogger(__name__)
 
 WORLD_VERSION = "v4"
+FAILED_ATTEMPTS_DIR = "failed-attempts"
+"""Beside ``model/``: each model that trained but failed the gate, as ``seed-<n>/``."""
 DEFAULT_ROOT = ".cache/svp/world"
 
 
@@ -207,10 +210,17 @@ def train_gated(model_dir: Path, spec: WorldScale, progress: bool = True) -> dic
                 "tuning_seconds": report.tuning_seconds, "probe_seconds": report.probe_seconds,
                 "training_seconds": report.training_seconds, "environment": report.environment,
             }
-        log.warning("seed %d failed the gate: %s", config.seed, "; ".join(failures))
+        # kept for inspection: the next attempt trains into model_dir
+        kept = model_dir.parent / FAILED_ATTEMPTS_DIR / f"seed-{config.seed}"
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.parent.mkdir(exist_ok=True)
+        model_dir.rename(kept)
+        attempts[-1]["model"] = kept.relative_to(model_dir.parent).as_posix()
+        log.warning("seed %d failed the gate: %s (its model: %s)", config.seed, "; ".join(failures), kept)
     raise WorldGateError(
         f"no ShapesWorld {spec.name} build passed the gate in {spec.attempts} attempts (seeds "
         f"{spec.model.seed}..{spec.model.seed + spec.attempts - 1}):\n"
         + "\n".join(f"  seed {a['seed']} ({a['stage']}): {'; '.join(a['failures'])}" for a in attempts)
-        + "\nNothing was cached. Report this with the machine's build environment (svp world build prints it)."
+        + f"\nNothing was cached; each model that reached the gate is under {model_dir.parent / FAILED_ATTEMPTS_DIR}."
+        + " Report this with the machine's build environment (svp world build prints it)."
     )

@@ -13,6 +13,7 @@ from svp.evaluation.suite import EvalOptions, evaluate_coco, evaluate_world
 from svp.models.loading import load_vlm
 from svp.prompts import PAPER_PROMPTS, build_messages
 from svp.world.build import WORLD_VERSION, ensure_world
+from svp.world.language import canonical_caption
 from svp.world.model import (
     IGNORE_INDEX,
     AnswerProbes,
@@ -69,7 +70,8 @@ def test_build_writes_versioned_layout_and_is_reused(world):
     assert report["loss"] < 4.0 and report["parameters"] > 0
     # build.json says what ran, on what, and the gate it passed
     build = json.loads((world.root / "build.json").read_text())
-    assert build["steps"] == WorldModelConfig.ci().steps and build["seed"] == 0
+    ci = WorldModelConfig.ci()
+    assert build["steps"] == ci.copy_steps + ci.steps and build["seed"] == 0
     # stage 3 ran, and its time counts in the build's
     assert build["probe_seconds"] > 0 and 0 < build["pope_loss"] < 20
     assert build["training_seconds"] == pytest.approx(
@@ -116,6 +118,14 @@ def test_a_build_that_fails_the_gate_is_retried_with_the_next_seed_then_refused(
     with pytest.raises(WorldGateError, match=r"seed 0 \(decoder\): decoder still blind"):
         ensure_world(tmp_path, scale=blind, progress=False)
     assert not (tmp_path / f"{WORLD_VERSION}-ci" / "build.json").exists()  # nothing is cached
+    # a model that trains but fails the gate is kept, not overwritten by the next seed's
+    unreachable = dataclasses.replace(spec, attempts=2, gate=dataclasses.replace(spec.gate, min_recall=1.01))
+    with pytest.raises(WorldGateError, match="failed-attempts"):
+        ensure_world(tmp_path, scale=unreachable, progress=False)
+    kept = tmp_path / f"{WORLD_VERSION}-ci" / "failed-attempts"
+    assert sorted(p.name for p in kept.iterdir()) == ["seed-0", "seed-1"]
+    weights = [(kept / s / "model.safetensors").read_bytes() for s in ("seed-0", "seed-1")]
+    assert weights[0] != weights[1] and (kept / "seed-0" / "train_report.json").is_file()
 
 
 def test_gate_refuses_a_model_that_names_one_shape_for_everything():
@@ -260,6 +270,33 @@ def test_stage_three_trains_projector_and_decoder_on_captions_and_pope_and_leave
     assert all(p.requires_grad for p in model.model.vision_tower.parameters())  # unfrozen again
 
 
+def test_the_copy_phase_draws_grounded_examples_whose_boxed_shapes_only_the_context_names(vlm):
+    scenes = generate_scenes("train", 50)
+    encoder = PromptEncoder(vlm.processor)
+    config = dataclasses.replace(WorldModelConfig.ci(), obscured_boxed_ratio=0.0)
+    sampler = ExampleSampler(scenes, encoder, config)
+    sampler.copying = True
+    examples = [sampler.sample() for _ in range(60)]
+    for e in examples:
+        assert e.answer == encoder.answer_ids(canonical_caption(scenes[e.scene].objects))  # a grounded answer
+    edited = [e for e in examples if not isinstance(e.image, int)]
+    # every example with a box shows its boxed objects shape-free (only the few with no box keep the scene)
+    assert len(edited) > 0.8 * len(examples)
+    for e in edited[:5]:
+        scene = scenes[e.scene]
+        redrawn = [pixel_tensor(obscure_shapes(scene, boxed, shape_free=True)[None], vlm.processor)[0]
+                   for boxed in _subsets(scene.objects)]
+        assert any(torch.equal(e.image, r) for r in redrawn)
+    sampler.copying = False
+    assert {type(sampler.sample().image) for _ in range(40)} >= {int}  # the mix again
+
+
+def _subsets(objects):
+    import itertools
+
+    return [list(c) for k in range(1, len(objects) + 1) for c in itertools.combinations(objects, k)]
+
+
 def test_early_stage_two_draws_simple_scenes_and_asks_some_captions_without_system_prompt(vlm):
     scenes = generate_scenes("train", 200)
     encoder = PromptEncoder(vlm.processor)
@@ -328,7 +365,7 @@ def test_a_decoder_that_stalls_restarts_on_the_same_tower_then_gives_up(tmp_path
         train_world_vlm(tmp_path / "strict", strict, progress=False)
     lenient = dataclasses.replace(strict, stall_loss_ratio=10.0)
     report = train_world_vlm(tmp_path / "lenient", lenient, progress=False)
-    assert report.decoder_restarts == [] and report.steps == lenient.steps
+    assert report.decoder_restarts == [] and report.steps == lenient.copy_steps + lenient.steps
     model = load_vlm(tmp_path / "lenient").model
     fresh = reinitialise_decoder(model, seed=1000)
     tower, fresh_tower = model.model.vision_tower.state_dict(), fresh.model.vision_tower.state_dict()
