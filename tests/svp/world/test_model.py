@@ -281,7 +281,7 @@ def test_the_copy_phase_draws_grounded_examples_whose_boxed_shapes_only_the_cont
         assert e.answer == encoder.answer_ids(canonical_caption(scenes[e.scene].objects))  # a grounded answer
     edited = [e for e in examples if not isinstance(e.image, int)]
     # every example with a box shows its boxed objects shape-free (only the few with no box keep the scene)
-    assert len(edited) > 0.8 * len(examples)
+    assert len(edited) > 0.7 * len(examples)
     for e in edited[:5]:
         scene = scenes[e.scene]
         redrawn = [pixel_tensor(obscure_shapes(scene, boxed, shape_free=True)[None], vlm.processor)[0]
