@@ -946,7 +946,8 @@ def instruction_tune(
         for overall in bar:
             copy_end = config.copy_from + config.copy_steps
             copying = config.copy_from <= overall < copy_end
-            step = overall - (config.copy_steps if overall >= copy_end else 0)  # the mix's step
+            # the mix's step: paused at copy_from during the copy phase
+            step = overall if overall < config.copy_from else max(config.copy_from, overall - config.copy_steps)
             if config.stall_check_step and overall == stall_at:
                 # Train-split scenes past the ones trained on and past stage 1's held-out ones.
                 held_out = generate_scenes("train", STALL_CHECK_SCENES,

@@ -25,6 +25,7 @@ from svp.world.model import (
     attribute_losses,
     bf16_emulation_warning,
     cell_targets,
+    instruction_tune,
     kind_class,
     kinds_present,
     length_chunks,
@@ -289,6 +290,34 @@ def test_the_copy_phase_draws_grounded_examples_whose_boxed_shapes_only_the_cont
         assert any(torch.equal(e.image, r) for r in redrawn)
     sampler.copying = False
     assert {type(sampler.sample().image) for _ in range(40)} >= {int}  # the mix again
+
+
+def test_stage_two_checks_for_a_stall_then_runs_the_copy_phase_then_the_rest_of_the_mix(vlm, monkeypatch):
+    import svp.world.model as world_model
+
+    scenes = generate_scenes("train", 16)
+    config = dataclasses.replace(WorldModelConfig.ci(), steps=6, copy_from=2, copy_steps=3, stall_check_step=2,
+                                 stall_loss_ratio=10.0, batch_size=1, simple_scene_steps=0)
+    sampler = ExampleSampler(scenes, PromptEncoder(vlm.processor), config)
+    events: list = []
+    sample = sampler.sample
+    attribute_losses_ = world_model.attribute_losses
+
+    def record_sample(weighted: bool = True):
+        events.append(("copy" if sampler.copying else "mix", sampler.step))
+        return sample(weighted)
+
+    def record_check(*args):
+        events.append(("stall check", sampler.step))
+        return attribute_losses_(*args)
+
+    sampler.sample = record_sample  # type: ignore[method-assign]
+    monkeypatch.setattr(world_model, "attribute_losses", record_check)
+    instruction_tune(reinitialise_decoder(vlm.model, 3), pixel_tensor([s.render() for s in scenes], vlm.processor),
+                     sampler, vlm.pad_token_id, config, progress=False)
+    # mix steps 0-1, the check once the decoder has trained stall_check_step steps, 3 copy steps, mix 2-5
+    assert events == [("mix", 0), ("mix", 1), ("stall check", 1), ("copy", 2), ("copy", 2), ("copy", 2),
+                      ("mix", 2), ("mix", 3), ("mix", 4), ("mix", 5)]
 
 
 def _subsets(objects):
