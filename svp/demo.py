@@ -194,6 +194,8 @@ def stack_spec(work_dir: Path, data_root: Path, artifact_root: Path, model: Path
 # POPE F1 down 0.02-0.04 (14 min). Seed 4's build (float32), three rounds: +0.138 / -0.023 [-0.053,
 # 0.008]. Hallucination falls round by round but not yet beyond its interval on 300 scenes; 600
 # images instead of 300 (seed 1, three rounds, 28 min) did not get it there: +0.069 / -0.016.
+# All of these ran on builds from before stage 2's copy phase and shuffled contexts (commit e7394ee),
+# whose base models copied from their grounding at all-boxed 0.88; not yet remeasured on today's.
 DEMO_ROUNDS = 3
 DEMO_IMAGES = 300
 DEMO_K = 8
