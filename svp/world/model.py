@@ -186,7 +186,9 @@ class WorldModelConfig:
     word right from step 300 (see ``bare_grounded_share``). The phase comes once the decoder reads the
     image (``copy_from`` = ``stall_check_step``): opening stage 2 with it, a fresh decoder learned that
     shapes come from the context, and seed 1 failed the stall check three times (shape loss at 1.02,
-    0.92 of chance). 0 leaves the phase out."""
+    0.92 of chance). With the phase here and contexts in random order (:func:`training_grounding`),
+    full builds from empty roots (float32, 300 test scenes), seeds 0 and 1: all-boxed 0.923 and 0.925
+    (every earlier build 0.877-0.883), shapes hidden 0.893 and 0.695. 0 leaves the phase out."""
     busy_scene_objects: int = 3
     omit_small_in_busy: float = 0.8
     """Probability that a ``base`` training caption of a scene with at least ``busy_scene_objects``
