@@ -60,7 +60,8 @@ class WorldScale:
 # shapes, 1/6 colours). Its decoder is too small and too briefly trained to read shapes — it
 # names one shape for everything, as a collapsed full build does — so no generation bound
 # applies to it (tests check the full gate's top-shape bound on captions of known counts).
-CI_GATE = GateThresholds(min_readout={"shape": 0.3, "colour": 0.3}, min_all_boxed=0.0, min_recall=0.0,
+CI_GATE = GateThresholds(min_readout={"shape": 0.3, "colour": 0.3}, min_all_boxed=0.0,
+                         min_all_boxed_shapes_hidden=None, min_recall=0.0,
                          max_hallucination=1.0, max_top_shape_share=1.0, min_pope_accuracy=None, scenes=16)
 
 SCALES: dict[str, WorldScale] = {

@@ -138,7 +138,7 @@ def test_gate_refuses_a_model_that_names_one_shape_for_everything():
     assert top_shape_share(collapsed) == pytest.approx(3 / 5)
     assert top_shape_share(collapsed[:2]) == 1.0 and top_shape_share(["In the image, at the image,"]) == 0.0
     thresholds = GateThresholds()
-    sound = {"readout_shape": 0.97, "readout_colour": 0.999, "all_boxed": 0.92, "recall": 0.6,
+    sound = {"readout_shape": 0.97, "readout_colour": 0.999, "all_boxed": 0.92, "all_boxed_shapes_hidden": 0.7, "recall": 0.6,
              "hallucination": 0.1, "top_shape_share": 0.3, "pope_accuracy_min": 0.7,
              "pope_auc_min": 0.8}
     assert gate_failures(sound, thresholds) == []
@@ -149,6 +149,9 @@ def test_gate_refuses_a_model_that_names_one_shape_for_everything():
     # POPE accuracy is gated (stage 3 teaches it); its margin's AUC is reported only
     assert gate_failures({**sound, "pope_accuracy_min": 0.5}, thresholds) == ["pope_accuracy_min 0.500 (needs >= 0.65)"]
     assert gate_failures({**sound, "pope_auc_min": 0.5}, thresholds) == [] and "(reported)" in table
+    # a model that reads shapes but does not copy them from its grounding (seed 3's 0.397) is refused
+    assert gate_failures({**sound, "all_boxed_shapes_hidden": 0.4}, thresholds) == [
+        "all_boxed_shapes_hidden 0.400 (needs >= 0.5)"]
 
 
 def test_training_inputs_are_what_inference_builds(vlm):
