@@ -14,7 +14,7 @@ seconds-scale configuration the tests use)::
 
 A model is cached only once it passes :mod:`svp.world.gate`. A build that fails the gate (after
 stage 1, at stage 2's stall check after its decoder restarts, or at the end) is tried again with
-the next seed, up to the scale's ``attempts``; if
+another seed (:data:`ATTEMPT_SEED_STEP`), up to the scale's ``attempts``; if
 none passes, the build fails with the gate's table and nothing is cached. A build whose
 ``build.json`` matches the requested configuration is reused; anything else is rebuilt from
 scratch (``--force`` always rebuilds).
@@ -43,6 +43,10 @@ WORLD_VERSION = "v4"
 FAILED_ATTEMPTS_DIR = "failed-attempts"
 """Beside ``model/``: each model that trained but failed the gate, as ``seed-<n>/``."""
 DEFAULT_ROOT = ".cache/svp/world"
+ATTEMPT_SEED_STEP = 100_000
+"""Attempt a of a build with seed s trains with seed s + 100000 a. With s + a, the retries of one
+build were the first attempts of the next builds: seed 2's retry was seed 3's build, and builds
+meant to be independent (the issue's seeds 0-4) could end on the same model."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class WorldScale:
     test_scenes: int
     gate: GateThresholds
     attempts: int = 3
-    """Seeds tried (``seed``, ``seed + 1``, ...) before a build that keeps failing the gate gives up."""
+    """Seeds tried (``seed``, ``seed + ATTEMPT_SEED_STEP``, ...) before a build that keeps failing the gate gives up."""
 
 
 # The CI model trains for seconds: its gate asks only for a tower that reads above chance (1/4
@@ -179,11 +183,11 @@ def ensure_world(
 
 
 def train_gated(model_dir: Path, spec: WorldScale, progress: bool = True) -> dict[str, Any]:
-    """Train with ``spec.model.seed``, then the next seeds, until a model passes the gate; returns
+    """Train with ``spec.model.seed``, then other seeds (:data:`ATTEMPT_SEED_STEP`), until a model passes the gate; returns
     what ``build.json`` records of the build. Raises :class:`WorldGateError` when none passes."""
     attempts: list[dict[str, Any]] = []
     for attempt in range(spec.attempts):
-        config = dataclasses.replace(spec.model, seed=spec.model.seed + attempt)
+        config = dataclasses.replace(spec.model, seed=spec.model.seed + ATTEMPT_SEED_STEP * attempt)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         try:
@@ -220,7 +224,7 @@ def train_gated(model_dir: Path, spec: WorldScale, progress: bool = True) -> dic
         log.warning("seed %d failed the gate: %s (its model: %s)", config.seed, "; ".join(failures), kept)
     raise WorldGateError(
         f"no ShapesWorld {spec.name} build passed the gate in {spec.attempts} attempts (seeds "
-        f"{spec.model.seed}..{spec.model.seed + spec.attempts - 1}):\n"
+        f"{', '.join(str(a['seed']) for a in attempts)}):\n"
         + "\n".join(f"  seed {a['seed']} ({a['stage']}): {'; '.join(a['failures'])}" for a in attempts)
         + f"\nNothing was cached; each model that reached the gate is under {model_dir.parent / FAILED_ATTEMPTS_DIR}."
         + " Report this with the machine's build environment (svp world build prints it)."

@@ -103,15 +103,16 @@ def test_build_options_change_only_what_they_name():
     assert scale_spec("ci").model.probe_steps == WorldModelConfig.ci().probe_steps > 0  # CI runs it
 
 
-def test_a_build_that_fails_the_gate_is_retried_with_the_next_seed_then_refused(tmp_path):
+def test_a_build_that_fails_the_gate_is_retried_with_another_seed_then_refused(tmp_path):
     from svp.world.build import SCALES, WorldGateError, ensure_world
     from svp.world.gate import GateThresholds
 
     spec = SCALES["ci"]
     impossible = dataclasses.replace(spec, attempts=2, gate=GateThresholds(min_readout={"shape": 1.01}, scenes=4))
-    with pytest.raises(WorldGateError, match=r"2 attempts \(seeds 0..1\)") as failed:
+    # the retry's seed is no other build's first seed: builds of seeds 0 and 1 stay independent
+    with pytest.raises(WorldGateError, match=r"2 attempts \(seeds 0, 100000\)") as failed:
         ensure_world(tmp_path, scale=impossible, progress=False)
-    assert "seed 0 (vision)" in str(failed.value) and "seed 1 (vision)" in str(failed.value)
+    assert "seed 0 (vision)" in str(failed.value) and "seed 100000 (vision)" in str(failed.value)
     assert "shape" in str(failed.value)
     # a decoder still blind to the image after its restarts fails its seed too
     blind = dataclasses.replace(spec, attempts=1, model=dataclasses.replace(
@@ -119,13 +120,13 @@ def test_a_build_that_fails_the_gate_is_retried_with_the_next_seed_then_refused(
     with pytest.raises(WorldGateError, match=r"seed 0 \(decoder\): decoder still blind"):
         ensure_world(tmp_path, scale=blind, progress=False)
     assert not (tmp_path / f"{WORLD_VERSION}-ci" / "build.json").exists()  # nothing is cached
-    # a model that trains but fails the gate is kept, not overwritten by the next seed's
+    # a model that trains but fails the gate is kept, not overwritten by the next attempt's
     unreachable = dataclasses.replace(spec, attempts=2, gate=dataclasses.replace(spec.gate, min_recall=1.01))
     with pytest.raises(WorldGateError, match="failed-attempts"):
         ensure_world(tmp_path, scale=unreachable, progress=False)
     kept = tmp_path / f"{WORLD_VERSION}-ci" / "failed-attempts"
-    assert sorted(p.name for p in kept.iterdir()) == ["seed-0", "seed-1"]
-    weights = [(kept / s / "model.safetensors").read_bytes() for s in ("seed-0", "seed-1")]
+    assert sorted(p.name for p in kept.iterdir()) == ["seed-0", "seed-100000"]
+    weights = [(kept / s / "model.safetensors").read_bytes() for s in ("seed-0", "seed-100000")]
     assert weights[0] != weights[1] and (kept / "seed-0" / "train_report.json").is_file()
 
 
