@@ -238,7 +238,7 @@ def demo_command(
     from svp.world.build import ensure_world, scale_spec
 
     try:
-        require_prerequisites()  # before a 20-minute world build, not after it
+        require_prerequisites()  # before a half-hour world build, not after it
         spec = scale_spec(scale, seed, precision, pope_steps=pope_steps)
         if score not in get_args(ScoreName):
             raise ValueError(f"unknown score {score!r}; known: {', '.join(get_args(ScoreName))}")

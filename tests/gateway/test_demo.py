@@ -68,7 +68,7 @@ def test_demo_runs_two_rounds_and_reports_base_vs_svp(tmp_path: Path) -> None:
 
 def test_demo_without_redis_server_says_so_before_building_anything(tmp_path: Path) -> None:
     """A fresh machine without the prerequisites: the demo stops in seconds with the command to run,
-    instead of after a 20-minute world build."""
+    instead of after a half-hour world build."""
     env = {**os.environ, "PATH": str(Path(sys.executable).parent), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "svp.cli", "demo", "--scale", "ci", "--world-root", str(tmp_path / "world"),
