@@ -201,7 +201,10 @@ def stack_spec(work_dir: Path, data_root: Path, artifact_root: Path, model: Path
 # [-0.055, 0.001] — within noise by a hair. What is left is not what SVP's samples teach: 63 of the
 # third adapter's 94 hallucinated mentions (base: 78 of 94) name a kind that is there once too often —
 # the last object said again at a neighbouring place — against 28 (base 15) wrong shapes; its
-# selected samples hallucinate 0.000.
+# selected samples hallucinate 0.000. Seed 0's build (float32, all-boxed 0.956), whose base errs
+# more by wrong shapes (71 of 117) than by repeats (45): recall +0.134 / +0.158 / +0.166 and
+# hallucination -0.094 [-0.123, -0.067] / -0.106 / -0.099 [-0.130, -0.068], beyond their intervals
+# from the first round (repeats 45 -> 20, wrong shapes 71 -> 37). POPE F1 fell 0.03-0.07 on both.
 DEMO_ROUNDS = 3
 DEMO_IMAGES = 300
 DEMO_K = 8
