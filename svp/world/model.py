@@ -314,7 +314,7 @@ class WorldModelConfig:
     0.878 — stop 34's seed-0 build, stage 2 alone, on the same scenes: POPE 0.50, recall 0.685,
     hallucination 0.093, all-boxed 0.911. Seed 1 (bf16) failed the gate on all-boxed, 0.758 (POPE 0.852), and its stage-2 model alone
     already did (0.843, POPE 0.500): stage 3 cost it 0.02-0.09 of all-boxed in four runs (lr 5e-4 or a
-    question weight of 3 no better than noise); a build would go on to seed 2, as the gate means it to.
+    question weight of 3 no better than noise); a build would go on to its next attempt's seed, as the gate means it to.
     Seed 2 (bf16) passed it: POPE 0.770 / 0.664 / 0.696, F1 0.797 / 0.727 / 0.746; recall 0.736,
     hallucination 0.108, all-boxed 0.932 (18.4 min). Seed 4 (float32) failed it on all-boxed, 0.801
     (POPE 0.798), in 24 min on a slower 2-core AMD EPYC; the same seed built in bf16 (a lab run of
