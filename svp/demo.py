@@ -13,7 +13,7 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import typer
 from tqdm import tqdm
@@ -24,6 +24,10 @@ from svp.evaluation.intervals import Interval, intervals_table, object_intervals
 from svp.stack import LocalStack, StackSpec, require_prerequisites
 from svp.training.presets import get_preset
 from svp.world.round_objects import round_object_metrics, round_objects_table, score_hallucination_correlation
+
+if TYPE_CHECKING:  # torch and transformers load only once a command needs them
+    from svp.evaluation.suite import EvalOptions
+    from svp.models.loading import LoadedVLM
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +326,8 @@ def _fail(message: str) -> int:
 def _evaluate(model_dir: Path, artifact_root: Path, runs: dict[str, RunPublic], n: int,
               tasks: list[str]) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, list[str]]]:
     """Metrics of the base model and of each run's final adapter on held-out test scenes
-    (in-process), and each model's base-prompt captions."""
+    (in-process), and each model's base-prompt captions — with, before the SVP run's, those of its
+    earlier rounds' adapters (``"SVP round 1"``, ...): whether a gain holds from the first round."""
     import torch
 
     from svp.evaluation.suite import EvalOptions, evaluate_world
@@ -334,12 +339,23 @@ def _evaluate(model_dir: Path, artifact_root: Path, runs: dict[str, RunPublic], 
     results, texts = evaluate_world(vlm, "test", n, tasks, options)
     out, captions = {"base": results}, {"base": texts["caption"]}
     for name, run in runs.items():
+        for earlier in run.rounds[:-1] if name == "SVP" else []:
+            captions[f"SVP round {earlier.round}"] = _captions(vlm, artifact_root, earlier.adapter, n, options)
         adapter = run.rounds[-1].adapter
         assert adapter is not None
         vlm.load_adapter(adapter, artifact_root)
         out[name], texts = evaluate_world(vlm, "test", n, tasks, options, adapter=adapter)
         captions[name] = texts["caption"]
     return out, captions
+
+
+def _captions(vlm: LoadedVLM, artifact_root: Path, adapter: str | None, n: int, options: EvalOptions) -> list[str]:
+    """Base-prompt captions of the held-out test scenes by ``adapter``."""
+    from svp.evaluation.suite import evaluate_world
+
+    assert adapter is not None
+    vlm.load_adapter(adapter, artifact_root)
+    return list(evaluate_world(vlm, "test", n, ["caption"], options, adapter=adapter)[1]["caption"])
 
 
 def _object_intervals(captions: dict[str, list[str]], n: int) -> dict[str, dict[str, Interval]]:
@@ -353,18 +369,21 @@ def _object_intervals(captions: dict[str, list[str]], n: int) -> dict[str, dict[
 
 
 def verdict(intervals: dict[str, dict[str, Interval]]) -> str:
-    """Whether SVP moved recall up and hallucination down by more than their 95 % intervals."""
-    delta = intervals.get("SVP - base")
-    if delta is None:
-        return ""
-    recall, halluc = delta["object_recall"], delta["hallucination_rate"]
-    words = [
-        f"recall {'up' if recall.value > 0 else 'down'} by {abs(recall.value):.3f}"
-        + (" (beyond its interval)" if recall.excludes_zero() else " (within noise)"),
-        f"hallucination {'down' if halluc.value < 0 else 'up'} by {abs(halluc.value):.3f}"
-        + (" (beyond its interval)" if halluc.excludes_zero() else " (within noise)"),
-    ]
-    return "SVP vs base: " + "; ".join(words)
+    """Whether SVP, after each round, moved recall up and hallucination down by more than their 95 %
+    intervals: one line per SVP model (``"SVP round 1"``, ..., ``"SVP"`` the last round)."""
+    lines = []
+    for name, delta in intervals.items():
+        if not (name.startswith("SVP") and name.endswith(" - base")):
+            continue
+        recall, halluc = delta["object_recall"], delta["hallucination_rate"]
+        words = [
+            f"recall {'up' if recall.value > 0 else 'down'} by {abs(recall.value):.3f}"
+            + (" (beyond its interval)" if recall.excludes_zero() else " (within noise)"),
+            f"hallucination {'down' if halluc.value < 0 else 'up'} by {abs(halluc.value):.3f}"
+            + (" (beyond its interval)" if halluc.excludes_zero() else " (within noise)"),
+        ]
+        lines.append(f"{name.removesuffix(' - base')} vs base: " + "; ".join(words))
+    return "\n".join(lines)
 
 
 def base_model_section(build: dict[str, object]) -> str:

@@ -1,5 +1,5 @@
 """``svp demo`` end to end on the seconds-scale ShapesWorld build: the stack starts, two rounds run
-through the REST API (the second samples from the first's adapter), base and adapted models are evaluated, and the report, plots and table appear.
+through the REST API (the second samples from the first's adapter), base and adapted models are evaluated (each round's adapter against base), and the report, plots and table appear.
 By default the rounds verify their grounded samples and also adapt the projector: its adapters, which
 carry a whole trained projector beside the LoRA weights, are served, continued and evaluated like the others."""
 
@@ -53,6 +53,9 @@ def test_demo_runs_two_rounds_and_reports_base_vs_svp(tmp_path: Path) -> None:
     # the object metrics come with intervals, and the report says what the base model's gate was
     delta = results["intervals"]["SVP - base"]["object_recall"]
     assert delta["low"] <= delta["value"] <= delta["high"]
+    # round by round: round 1's adapter beside the last round's, each against base, each with its verdict
+    assert list(results["intervals"]) == ["base", "SVP round 1", "SVP", "SVP round 1 - base", "SVP - base"]
+    assert "SVP round 1 vs base: recall" in done.stdout and "\nSVP vs base: recall" in done.stdout
     assert "passed its gate" in (report_dir / "report.md").read_text()
     # and how accurate each round's own samples were: 8 images x K=2 priors and grounded samples
     assert set(results["round_samples"]) == {"1", "2"}
