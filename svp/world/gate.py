@@ -45,12 +45,13 @@ class GateThresholds:
     max_top_shape_share: float = 0.6
     min_pope_accuracy: float | None = 0.65
     """On the lowest of the three splits; ``None``: reported only (the CI model, which trains for
-    seconds). The gate's most frequent failure: of eight full builds of today's recipe, seeds 1 (AMD
+    seconds). The gate's most frequent failure: of nine full builds of today's recipe, seeds 1 (AMD
     EPYC, 0.600), 2 (Xeon, 0.643) and 100002 (AMD EPYC, 0.612) failed it with every other measure in
     bounds (seeds 2 and 100002 said yes to 0.80-0.82 of the adversarial questions). It is not a
     measure to patch at the gate: 200 more stage-3 steps with adversarial questions drawn twice as
     often lifted seeds 1 and 100002 past it (0.660, 0.652), yet 100002's adversarial split on 300
-    test scenes stayed at 0.611 (F1 0.696), out of the issue's band. The next seed it is."""
+    test scenes stayed at 0.611 (F1 0.696), out of the issue's band. The next seed it is: seed 1's
+    retry, 100001, passed at 0.695."""
     scenes: int = 100
 
     def bounds(self) -> dict[str, tuple[str, float | None]]:
