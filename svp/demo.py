@@ -13,7 +13,7 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import get_args
 
 import typer
 from tqdm import tqdm
@@ -24,10 +24,6 @@ from svp.evaluation.intervals import Interval, intervals_table, object_intervals
 from svp.stack import LocalStack, StackSpec, require_prerequisites
 from svp.training.presets import get_preset
 from svp.world.round_objects import round_object_metrics, round_objects_table, score_hallucination_correlation
-
-if TYPE_CHECKING:  # torch and transformers load only once a command needs them
-    from svp.evaluation.suite import EvalOptions
-    from svp.models.loading import LoadedVLM
 
 log = logging.getLogger(__name__)
 
@@ -341,24 +337,18 @@ def _evaluate(model_dir: Path, artifact_root: Path, runs: dict[str, RunPublic], 
     options = EvalOptions(meteor=False)
     results, texts = evaluate_world(vlm, "test", n, tasks, options)
     out, captions = {"base": results}, {"base": texts["caption"]}
-    for name, run in runs.items():
-        for earlier in run.rounds[:-1] if name == "SVP" else []:
-            captions[f"SVP round {earlier.round}"] = _captions(vlm, artifact_root, earlier.adapter, n, options)
-        adapter = run.rounds[-1].adapter
+
+    def on_adapter(adapter: str | None, what: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
         assert adapter is not None
         vlm.load_adapter(adapter, artifact_root)
-        out[name], texts = evaluate_world(vlm, "test", n, tasks, options, adapter=adapter)
+        return evaluate_world(vlm, "test", n, what, options, adapter=adapter)
+
+    for name, run in runs.items():
+        for earlier in run.rounds[:-1] if name == "SVP" else []:  # captions only: compared by object intervals
+            captions[f"SVP round {earlier.round}"] = on_adapter(earlier.adapter, ["caption"])[1]["caption"]
+        out[name], texts = on_adapter(run.rounds[-1].adapter, tasks)
         captions[name] = texts["caption"]
     return out, captions
-
-
-def _captions(vlm: LoadedVLM, artifact_root: Path, adapter: str | None, n: int, options: EvalOptions) -> list[str]:
-    """Base-prompt captions of the held-out test scenes by ``adapter``."""
-    from svp.evaluation.suite import evaluate_world
-
-    assert adapter is not None
-    vlm.load_adapter(adapter, artifact_root)
-    return list(evaluate_world(vlm, "test", n, ["caption"], options, adapter=adapter)[1]["caption"])
 
 
 def _object_intervals(captions: dict[str, list[str]], n: int) -> dict[str, dict[str, Interval]]:
