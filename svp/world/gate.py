@@ -50,7 +50,8 @@ class GateThresholds:
     bounds (seeds 2 and 100002 said yes to 0.80-0.82 of the adversarial questions). It is not a
     measure to patch at the gate: 200 more stage-3 steps with adversarial questions drawn twice as
     often lifted seeds 1 and 100002 past it (0.660, 0.652), yet 100002's adversarial split on 300
-    test scenes stayed at 0.611 (F1 0.696), out of the issue's band. The next seed it is: seed 1's
+    test scenes stayed at 0.611 (F1 0.696), out of the issue's band. What is redrawn is stage 3 as a
+    whole, from the stage-2 model (``WorldScale.stage_three_draws``), and then the next seed: seed 1's
     retry, 100001, passed at 0.695."""
     scenes: int = 100
 

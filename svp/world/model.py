@@ -47,6 +47,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -1047,12 +1048,20 @@ class TrainReport:
     vision_seconds: float
     tuning_seconds: float
     probe_seconds: float
+    """Stage 3's seconds, those of redrawn stage 3s (:func:`redraw_stage_three`) included."""
     environment: dict[str, Any]
     config: dict[str, Any]
+    stage_three_draw: int = 0
+    """Which stage 3 made the saved model: 0 the build's own, d > 0 :func:`redraw_stage_three`'s d-th."""
 
     @property
     def training_seconds(self) -> float:
         return self.vision_seconds + self.tuning_seconds + self.probe_seconds
+
+    def write(self, out_dir: Path) -> None:
+        """``train_report.json`` beside the model."""
+        (out_dir / "train_report.json").write_text(json.dumps({**dataclasses.asdict(self),
+                                                               "training_seconds": self.training_seconds}, indent=1))
 
 
 def build_environment(config: WorldModelConfig) -> dict[str, Any]:
@@ -1089,8 +1098,10 @@ def _cpuinfo_lines() -> list[str]:
 
 def train_world_vlm(
     out_dir: str | Path, config: WorldModelConfig, min_readout: dict[str, float] | None = None, progress: bool = True,
+    stage_two_dir: str | Path | None = None,
 ) -> TrainReport:
-    """Build, train and ``save_pretrained`` the base VLM into ``out_dir`` (writes ``train_report.json``).
+    """Build, train and ``save_pretrained`` the base VLM into ``out_dir`` (writes ``train_report.json``);
+    with ``stage_two_dir``, the model as stage 2 left it is saved there too, for :func:`redraw_stage_three`.
 
     Raises :class:`VisionGateError` right after stage 1 when a held-out read-out is below
     ``min_readout`` (e.g. ``{"shape": 0.85}``): a build on a collapsed tower is not worth stage 2.
@@ -1139,6 +1150,9 @@ def train_world_vlm(
                             config.max_decoder_restarts)
                 model = reinitialise_decoder(model, config.seed + DECODER_RESTART_SEED_STEP * len(stalls))
         t2 = time.perf_counter()
+        if stage_two_dir is not None:
+            model.save_pretrained(stage_two_dir)
+            processor.save_pretrained(stage_two_dir)
         pope_loss = (probe_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config, progress)
                      if config.probe_steps else None)
         t3 = time.perf_counter()
@@ -1159,8 +1173,52 @@ def train_world_vlm(
         environment=build_environment(config),
         config=config.to_json(),
     )
-    (out / "train_report.json").write_text(json.dumps({**dataclasses.asdict(report),
-                                                        "training_seconds": report.training_seconds}, indent=1))
+    report.write(out)
     log.info("trained ShapesWorld VLM (%d parameters) in %.0f s, final loss %.3f", report.parameters,
              report.training_seconds, loss)
     return report
+
+
+STAGE_THREE_REDRAW_SEED_STEP = 10_000
+"""Redraw d of stage 3 of seed s draws its examples and initialises its answer probes with s + 10000 d."""
+
+
+def redraw_stage_three(
+    stage_two_dir: str | Path, out_dir: str | Path, report: TrainReport, config: WorldModelConfig, draw: int,
+    progress: bool = True,
+) -> TrainReport:
+    """Stage 3 again, on the stage-2 model ``train_world_vlm`` saved in ``stage_two_dir``, with the
+    ``draw``-th redraw's seed (:data:`STAGE_THREE_REDRAW_SEED_STEP`); saves the model into ``out_dir``
+    (replacing what is there) and returns ``report`` updated with this stage 3.
+
+    Whether stage 3 forms POPE's conjunction is largely its own draw: on one stage-2 model (seed 4,
+    2-core AMD EPYC, float32, the gate's 100 held-out scenes), stage 3 with seed 4 ended at POPE
+    0.588 (lowest split, AUC 0.666) and with seed 5 at 0.736 (AUC 0.818), captions alike (all-boxed
+    0.936 and 0.941). A redraw costs stage 3's minutes, not a whole build's."""
+    seed = config.seed + STAGE_THREE_REDRAW_SEED_STEP * draw
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(stage_two_dir, out)  # processor, tokenizer and chat template with the weights
+    torch.manual_seed(seed)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(out)
+        scenes = generate_scenes("train", config.train_scenes)
+        pixels = pixel_tensor([s.render() for s in tqdm(scenes, desc="rendering train scenes", disable=not progress)],
+                              processor)
+        sampler = ExampleSampler(scenes, PromptEncoder(processor), dataclasses.replace(config, seed=seed))
+        sampler.step = config.steps  # past stage 2's simple-scene steps, where stage 3 always starts
+        t = time.perf_counter()
+        pope_loss = probe_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config, progress)
+        seconds = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(previous_threads)
+    model.save_pretrained(out)
+    redrawn = dataclasses.replace(report, pope_loss=pope_loss, probe_seconds=report.probe_seconds + seconds,
+                                  stage_three_draw=draw)
+    redrawn.write(out)
+    log.info("stage 3, redraw %d (seed %d): %.0f s, POPE loss %.3f", draw, seed, seconds, pope_loss)
+    return redrawn

@@ -130,6 +130,51 @@ def test_a_build_that_fails_the_gate_is_retried_with_another_seed_then_refused(t
     assert weights[0] != weights[1] and (kept / "seed-0" / "train_report.json").is_file()
 
 
+def test_a_model_failing_only_on_pope_gets_stage_three_redrawn_on_its_stage_two_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from svp.world.build import SCALES, WorldGateError, ensure_world
+
+    spec = SCALES["ci"]
+    pope_only = dataclasses.replace(spec, attempts=1, stage_three_draws=2,
+                                    gate=dataclasses.replace(spec.gate, min_pope_accuracy=1.01))
+    with pytest.raises(WorldGateError, match=r"1 attempts \(seeds 0\)") as failed:
+        ensure_world(tmp_path, scale=pope_only, progress=False)
+    assert "seed 0 (gate): pope_accuracy_min" in str(failed.value)
+    assert "seed 0, stage 3 redraw 1 (gate): pope_accuracy_min" in str(failed.value)
+    base = tmp_path / f"{WORLD_VERSION}-ci"
+    kept = base / "failed-attempts"
+    assert sorted(p.name for p in kept.iterdir()) == ["seed-0", "seed-0-redraw-1"]
+    assert not (base / "stage-2").exists()  # the stage-2 model lives only while a redraw may need it
+    first, redrawn = (load_file(kept / name / "model.safetensors") for name in ("seed-0", "seed-0-redraw-1"))
+    # stage 3 leaves the tower and trains the rest: the redraw shares the tower, not the decoder
+    assert all(torch.equal(first[k], redrawn[k]) for k in first if "vision_tower" in k)
+    assert not all(torch.equal(first[k], redrawn[k]) for k in first if "language_model" in k)
+    report = json.loads((kept / "seed-0-redraw-1" / "train_report.json").read_text())
+    assert report["stage_three_draw"] == 1
+    assert report["probe_seconds"] > json.loads((kept / "seed-0" / "train_report.json").read_text())["probe_seconds"]
+    # a failure that is not POPE's alone goes to the next seed with no redraw
+    recall = dataclasses.replace(pope_only, gate=dataclasses.replace(pope_only.gate, min_recall=1.01))
+    with pytest.raises(WorldGateError) as failed:
+        ensure_world(tmp_path, scale=recall, progress=False)
+    assert "redraw" not in str(failed.value)
+
+
+def test_a_stage_three_redraw_starts_from_the_stage_two_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from svp.world.model import redraw_stage_three
+
+    config = dataclasses.replace(WorldModelConfig.ci(), probe_steps=0)
+    report = train_world_vlm(tmp_path / "built", config, progress=False, stage_two_dir=tmp_path / "stage-2")
+    # with no stage-3 steps, the build and a redraw are both the stage-2 model, bit for bit
+    redrawn = redraw_stage_three(tmp_path / "stage-2", tmp_path / "redrawn", report,
+                                 dataclasses.replace(config, probe_steps=0), draw=1, progress=False)
+    built, again = (load_file(tmp_path / d / "model.safetensors") for d in ("built", "redrawn"))
+    assert built.keys() == again.keys() and all(torch.equal(built[k], again[k]) for k in built)
+    assert redrawn.stage_three_draw == 1 and (tmp_path / "redrawn" / "tokenizer.json").is_file()
+
+
 def test_gate_refuses_a_model_that_names_one_shape_for_everything():
     from svp.world.gate import GateThresholds, gate_failures, gate_table, top_shape_share
 
