@@ -1096,6 +1096,30 @@ def _cpuinfo_lines() -> list[str]:
         return []
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block, and restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def load_for_training(
+    model_dir: Path, config: WorldModelConfig, progress: bool,
+) -> tuple[LlavaForConditionalGeneration, Any, list[Scene], torch.Tensor]:
+    """The model and processor saved in ``model_dir`` (float32 weights), with the ``config.train_scenes``
+    training scenes and their pixel values: what every training stage starts from."""
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    scenes = generate_scenes("train", config.train_scenes)
+    pixels = pixel_tensor([s.render() for s in tqdm(scenes, desc="rendering train scenes", disable=not progress)],
+                          processor)
+    return model, processor, scenes, pixels
+
+
 def train_world_vlm(
     out_dir: str | Path, config: WorldModelConfig, min_readout: dict[str, float] | None = None, progress: bool = True,
     stage_two_dir: str | Path | None = None,
@@ -1111,17 +1135,11 @@ def train_world_vlm(
     if slow:
         log.warning(slow)
     torch.manual_seed(config.seed)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         build_tiny_vlm(out, arch="llava", chat_format=CHAT_FORMAT, seed=config.seed, tokenizer=world_tokenizer(),
                        vision_feature_select_strategy="full" if config.presence_token else "default",
                        **config.sizes)
-        model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
-        processor = AutoProcessor.from_pretrained(out)
-        scenes = generate_scenes("train", config.train_scenes)
-        pixels = pixel_tensor([s.render() for s in tqdm(scenes, desc="rendering train scenes", disable=not progress)],
-                              processor)
+        model, processor, scenes, pixels = load_for_training(out, config, progress)
         # Train-split scenes past the ones trained on: unseen, and apart from the test split.
         held_out = generate_scenes("train", VISION_HELD_OUT_SCENES, start=config.train_scenes)
         t0 = time.perf_counter()
@@ -1156,8 +1174,6 @@ def train_world_vlm(
         pope_loss = (probe_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config, progress)
                      if config.probe_steps else None)
         t3 = time.perf_counter()
-    finally:
-        torch.set_num_threads(previous_threads)
     model.save_pretrained(out)
     report = TrainReport(
         parameters=sum(p.numel() for p in model.parameters()),
@@ -1201,21 +1217,13 @@ def redraw_stage_three(
         shutil.rmtree(out)
     shutil.copytree(stage_two_dir, out)  # processor, tokenizer and chat template with the weights
     torch.manual_seed(seed)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
-        processor = AutoProcessor.from_pretrained(out)
-        scenes = generate_scenes("train", config.train_scenes)
-        pixels = pixel_tensor([s.render() for s in tqdm(scenes, desc="rendering train scenes", disable=not progress)],
-                              processor)
+    with torch_threads(config.threads):
+        model, processor, scenes, pixels = load_for_training(out, config, progress)
         sampler = ExampleSampler(scenes, PromptEncoder(processor), dataclasses.replace(config, seed=seed))
         sampler.step = config.steps  # past stage 2's simple-scene steps, where stage 3 always starts
         t = time.perf_counter()
         pope_loss = probe_tune(model, pixels, sampler, int(processor.tokenizer.pad_token_id), config, progress)
         seconds = time.perf_counter() - t
-    finally:
-        torch.set_num_threads(previous_threads)
     model.save_pretrained(out)
     redrawn = dataclasses.replace(report, pope_loss=pope_loss, probe_seconds=report.probe_seconds + seconds,
                                   stage_three_draw=draw)
