@@ -41,7 +41,11 @@ def build(
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc
     b = world.build
-    typer.echo(gate_table(b["gate"], spec.gate))
+    # After a build that printed a table per attempt, and for a reused build that printed none: the cached model's.
+    redraw = b.get("stage_three_draw", 0)
+    typer.echo(f"ShapesWorld gate of the cached model (seed {b['seed']}"
+               + (f", stage 3 redraw {redraw}" if redraw else "") + f"; {spec.gate.scenes} held-out train scenes):\n"
+               + gate_table(b["gate"], spec.gate))
     typer.echo(json.dumps({"root": str(world.root), "model": str(world.model_dir),
                            "data": {k: str(v) for k, v in world.data_dirs.items()},
                            "seed": b["seed"], "parameters": b["parameters"], "steps": b["steps"],

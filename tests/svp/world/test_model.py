@@ -656,6 +656,16 @@ def test_cli_eval_and_export(world, tmp_path):
     assert res.exit_code != 0
 
 
+def test_cli_build_reuses_the_cached_model_and_prints_its_gate(world):
+    before = (world.model_dir / "model.safetensors").stat().st_mtime_ns
+    res = CliRunner().invoke(app, ["world", "build", "--root", str(world.root.parent), "--scale", "ci"])
+    assert res.exit_code == 0, res.output
+    assert (world.model_dir / "model.safetensors").stat().st_mtime_ns == before  # reused, not rebuilt
+    heading = f"ShapesWorld gate of the cached model (seed {world.build['seed']}"
+    assert heading in res.output and "pope_accuracy_min" in res.output
+    assert json.loads(res.output[res.output.index("{"):])["model"] == str(world.model_dir)
+
+
 def test_real_data_path_scores_a_coco_reference_file(world, vlm):
     test_dir = world.data_dirs["test"]
     results, texts = evaluate_coco(vlm, test_dir / "captions_coco.json", test_dir, n_images=2,
