@@ -207,7 +207,12 @@ def stack_spec(work_dir: Path, data_root: Path, artifact_root: Path, model: Path
 # from the first round (repeats 45 -> 20, wrong shapes 71 -> 37). Seed 1's build (its retry, seed
 # 100001; float32, all-boxed 0.909), this demo's own per-round rows: recall +0.164 / +0.200 / +0.219,
 # hallucination -0.031 [-0.061, 0.001] / -0.055 [-0.085, -0.023] / -0.064 [-0.094, -0.033] — beyond
-# its interval from the second round. POPE F1 fell 0.03-0.07 on all three builds.
+# its interval from the second round. POPE F1 fell 0.03-0.07 on all three builds. Seed 1's build
+# as the stage-3 redraw now makes it (draw 1; float32, all-boxed 0.923): recall +0.179 / +0.174 /
+# +0.147, hallucination -0.058 [-0.086, -0.030] / -0.058 / -0.049 [-0.080, -0.019]. Seed 2's build
+# (float32, all-boxed 0.942): recall +0.246 / +0.240 / +0.233, hallucination -0.056 [-0.084, -0.025]
+# / -0.043 / -0.057 [-0.084, -0.031], POPE F1 down 0.04-0.05 (20 min). Both beyond their intervals
+# from the first round, as seed 0's.
 DEMO_ROUNDS = 3
 DEMO_IMAGES = 300
 DEMO_K = 8
